@@ -1,0 +1,71 @@
+"""The `aios` command line: one typer app with a sub-app per area."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+from rich.console import Console
+
+from aios import __version__
+from aios.errors import AiosError
+
+# Nothing is ever downloaded at run time: tokenizers and models resolve from local files only.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+err_console = Console(stderr=True)
+
+app = typer.Typer(
+    name="aios",
+    help="Train Hierarchical Reasoning Models (HRM ACT v1) on text.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+_state = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"aios {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    _state["debug"] = debug
+
+
+def _register() -> None:
+    from aios.cli import hrm_hf, tokenizer
+
+    app.add_typer(hrm_hf.app, name="hrm-hf", help="HRM models with Hugging Face tokenizers: train, generate, eval.")
+    app.add_typer(tokenizer.app, name="tokenizer", help="Train, inspect and use tokenizers (offline).")
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: user errors become one red line and a non-zero exit code."""
+    try:
+        app(args=argv, standalone_mode=True)
+    except AiosError as exc:
+        if _state["debug"]:
+            raise
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return exc.exit_code
+    except SystemExit as exc:  # typer/click exit codes pass through
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,635 @@
+"""HRM ACT v1: the Hierarchical Reasoning Model with adaptive computation time.
+
+Written to read like ../shared/docs/HRM_ACTV1.md, in the same order: config, init, block (attention,
+SwiGLU or mixture of experts), embedding and heads, one segment (the inner model), the ACT wrapper,
+the loss, save/load.
+
+Shapes: B batch rows, T tokens, P puzzle-prefix positions (0 in LM mode), S = P + T, D hidden size,
+H heads, hd = D / H head dim, V vocab, E experts.
+
+Language-model mode (`causal=True`) differs from the reference puzzle model in exactly the ways the spec
+lists: labels are the inputs shifted by one (`shift_labels`), attention is causal (optionally a sliding
+window of w keys), and the q_halt target is the sequence's token accuracy instead of exact match.
+One consequence of causal attention is spelled out here: the Q-head reads z_H at the LAST position,
+the only one that has seen the whole sequence (the reference reads position 0, which under a causal
+mask would see only the first token and could not judge the sequence).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+log = logging.getLogger(__name__)
+
+IGNORE_LABEL_ID = -100
+MODEL_TYPE = "hrm_act_v1"
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class HRMACTv1Config:
+    vocab_size: int
+    seq_len: int  # T: the longest token sequence the model sees (RoPE / learned position tables)
+    hidden_size: int = 512
+    num_heads: int = 8
+    expansion: float = 4.0
+    H_layers: int = 4
+    L_layers: int = 4
+    H_cycles: int = 2
+    L_cycles: int = 2
+    pos_encodings: Literal["rope", "learned"] = "rope"
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    halt_max_steps: int = 16
+    halt_exploration_prob: float = 0.1
+    causal: bool = True  # LM mode; False is the reference (bidirectional) puzzle setting
+    window_size: int | None = None  # causal sliding window: each query sees its w most recent keys
+    puzzle_emb_ndim: int = 0  # > 0 prepends ceil(ndim / D) learned per-puzzle positions
+    num_puzzle_identifiers: int = 0
+    loss_type: Literal["softmax", "stablemax"] = "softmax"
+    use_moe: bool = False
+    num_experts: int = 4
+    num_experts_per_tok: int = 2
+    moe_capacity_factor: float = 1.25
+    moe_aux_loss_coef: float = 0.01
+    use_flash_attn: bool = False
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "seq_len", "hidden_size", "num_heads", "H_layers", "L_layers",
+                     "H_cycles", "L_cycles", "halt_max_steps"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.pos_encodings == "rope" and self.head_dim % 2:
+            raise ValueError(f"RoPE needs an even head dim, got {self.head_dim}")
+        if self.pos_encodings not in ("rope", "learned"):
+            raise ValueError(f"pos_encodings must be 'rope' or 'learned', got {self.pos_encodings!r}")
+        if self.loss_type not in ("softmax", "stablemax"):
+            raise ValueError(f"loss_type must be 'softmax' or 'stablemax', got {self.loss_type!r}")
+        if self.window_size is not None and self.window_size <= 0:
+            self.window_size = None  # 0 means full attention
+        if self.window_size is not None and not self.causal:
+            raise ValueError("window_size is a causal sliding window; it needs causal=True")
+        if self.puzzle_emb_ndim > 0 and self.num_puzzle_identifiers <= 0:
+            raise ValueError("puzzle_emb_ndim > 0 needs num_puzzle_identifiers > 0")
+        if self.use_moe and not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError("num_experts_per_tok must be between 1 and num_experts")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def puzzle_emb_len(self) -> int:
+        return -(-self.puzzle_emb_ndim // self.hidden_size)  # ceil
+
+    @property
+    def intermediate_size(self) -> int:
+        return swiglu_intermediate_size(self.hidden_size, self.expansion)
+
+    def to_dict(self) -> dict:
+        return {"model_type": MODEL_TYPE, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> HRMACTv1Config:
+        data = dict(data)
+        model_type = data.pop("model_type", MODEL_TYPE)
+        if model_type != MODEL_TYPE:
+            raise ValueError(f"config.json describes a {model_type!r} model, not {MODEL_TYPE!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown HRM ACT v1 config keys: {', '.join(unknown)}")
+        return cls(**data)
+
+
+def swiglu_intermediate_size(hidden_size: int, expansion: float) -> int:
+    """round(expansion * D * 2/3), rounded up to a multiple of 256 (D 512, expansion 4 -> 1536)."""
+    inner = round(expansion * hidden_size * 2 / 3)
+    return -(-inner // 256) * 256
+
+
+# ----------------------------------------------------------------------------------------------------
+# Initialisation
+
+
+def trunc_normal_init_(tensor: torch.Tensor, std: float = 1.0, lower: float = -2.0, upper: float = 2.0):
+    """Truncated normal at [lower, upper] sigma, rescaled so the realised std equals `std` (JAX style)."""
+    with torch.no_grad():
+        if std == 0:
+            return tensor.zero_()
+        sqrt2 = math.sqrt(2)
+        a, b = math.erf(lower / sqrt2), math.erf(upper / sqrt2)
+        z = (b - a) / 2
+        c = (2 * math.pi) ** -0.5
+        pdf_u, pdf_l = c * math.exp(-0.5 * lower**2), c * math.exp(-0.5 * upper**2)
+        comp_std = std / math.sqrt(1 - (upper * pdf_u - lower * pdf_l) / z - ((pdf_u - pdf_l) / z) ** 2)
+        tensor.uniform_(a, b).erfinv_().mul_(sqrt2 * comp_std).clip_(lower * comp_std, upper * comp_std)
+    return tensor
+
+
+class Linear(nn.Linear):
+    """Linear layer with LeCun truncated-normal init (sigma = 1/sqrt(fan_in)), no bias by default."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__(in_features, out_features, bias=bias)
+
+    def reset_parameters(self) -> None:
+        trunc_normal_init_(self.weight, std=1.0 / math.sqrt(self.in_features))
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) in float32, cast back; no learnable gain."""
+    dtype = x.dtype
+    x = x.float()
+    return (x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attention
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for RoPE: inv_freq = theta^(-2i/hd), cos/sin = cat(freqs, freqs)."""
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)  # (S, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (S, hd)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[:length], self.sin[:length]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, S, H, hd); cos/sin: (S, hd)."""
+    dtype = x.dtype
+    x = x.float()
+    cos, sin = cos[:, None, :], sin[:, None, :]  # (S, 1, hd)
+    return (x * cos + rotate_half(x) * sin).to(dtype)
+
+
+def sliding_window_mask(length: int, window: int, device: torch.device) -> torch.Tensor:
+    """(S, S) bool, True where query i may attend key j: i - window < j <= i."""
+    i = torch.arange(length, device=device)[:, None]
+    j = torch.arange(length, device=device)[None, :]
+    return (j <= i) & (j > i - window)
+
+
+def flash_attn_available() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+class Attention(nn.Module):
+    def __init__(self, config: HRMACTv1Config):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        self.causal = config.causal
+        self.window = config.window_size
+        self.use_flash = config.use_flash_attn
+        self.qkv_proj = Linear(config.hidden_size, 3 * config.hidden_size)  # q-heads, k-heads, v-heads
+        self.o_proj = Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        B, S, D = x.shape
+        qkv = self.qkv_proj(x).view(B, S, 3 * self.num_heads, self.head_dim)
+        q, k, v = qkv.split(self.num_heads, dim=2)  # each (B, S, H, hd)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if self.use_flash and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+            from flash_attn import flash_attn_func
+
+            window = (self.window - 1, 0) if self.window else (-1, -1)  # w keys: itself + w-1 before
+            out = flash_attn_func(q, k, v, causal=self.causal, window_size=window)  # (B, S, H, hd)
+        else:
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, hd)
+            if self.window and self.window < S:
+                mask = sliding_window_mask(S, self.window, x.device)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+            out = out.transpose(1, 2)  # (B, S, H, hd)
+        return self.o_proj(out.reshape(B, S, D))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Feed-forward: SwiGLU, or a mixture of SwiGLU experts
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config: HRMACTv1Config):
+        super().__init__()
+        inner = config.intermediate_size
+        self.gate_up_proj = Linear(config.hidden_size, 2 * inner)  # gate first, then up
+        self.down_proj = Linear(inner, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class MixtureOfExperts(nn.Module):
+    """Top-k routed SwiGLU experts with a capacity limit and a Switch-style load-balancing loss.
+
+    Dispatch is batched: tokens are sorted into an (E, C, D) buffer, every expert runs as one batched
+    matmul, and results are scattered back weighted by their router probability. Tokens past an
+    expert's capacity C = ceil(capacity_factor * N * k / E) are dropped for that expert (the residual
+    connection carries them).
+    """
+
+    def __init__(self, config: HRMACTv1Config):
+        super().__init__()
+        D, inner, E = config.hidden_size, config.intermediate_size, config.num_experts
+        self.num_experts, self.top_k = E, config.num_experts_per_tok
+        self.capacity_factor = config.moe_capacity_factor
+        self.router = Linear(D, E)
+        self.gate_up = nn.Parameter(torch.empty(E, D, 2 * inner))
+        self.down = nn.Parameter(torch.empty(E, inner, D))
+        trunc_normal_init_(self.gate_up, std=1.0 / math.sqrt(D))
+        trunc_normal_init_(self.down, std=1.0 / math.sqrt(inner))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, S, D = x.shape
+        E, k = self.num_experts, self.top_k
+        tokens = x.reshape(-1, D)  # (N, D)
+        N = tokens.shape[0]
+        probs = self.router(tokens).float().softmax(dim=-1)  # (N, E)
+        top_p, top_e = probs.topk(k, dim=-1)  # (N, k)
+        top_p = top_p / top_p.sum(-1, keepdim=True)
+
+        # Load balancing (Switch Transformer): E * sum_e f_e * P_e, f = share of routed slots, P = mean prob.
+        routed = F.one_hot(top_e, E).float().sum(1)  # (N, E)
+        aux_loss = E * ((routed.mean(0) / k) * probs.mean(0)).sum()
+
+        capacity = max(1, math.ceil(self.capacity_factor * N * k / E))
+        flat_e = top_e.reshape(-1)  # (N*k,) expert of each assignment, token-major
+        one_hot = F.one_hot(flat_e, E)  # (N*k, E)
+        slot = ((one_hot.cumsum(0) - 1) * one_hot).sum(-1)  # position of each assignment in its expert
+        keep = slot < capacity
+        token_idx = torch.arange(N, device=x.device).repeat_interleave(k)[keep]
+        expert_idx, slot_idx = flat_e[keep], slot[keep]
+        weight = top_p.reshape(-1)[keep]
+
+        buffer = tokens.new_zeros(E, capacity, D)
+        buffer[expert_idx, slot_idx] = tokens[token_idx]
+        gate, up = torch.bmm(buffer, self.gate_up.to(buffer.dtype)).chunk(2, dim=-1)  # (E, C, inner)
+        expert_out = torch.bmm(F.silu(gate) * up, self.down.to(buffer.dtype))  # (E, C, D)
+        picked = expert_out[expert_idx, slot_idx] * weight[:, None].to(expert_out.dtype)
+        out = torch.zeros_like(tokens, dtype=expert_out.dtype).index_add_(0, token_idx, picked)
+        return out.view(B, S, D).to(x.dtype), aux_loss
+
+
+# ----------------------------------------------------------------------------------------------------
+# Block and reasoning module
+
+
+class Block(nn.Module):
+    """Post-norm: h = rms(h + attn(h)); h = rms(h + ffn(h))."""
+
+    def __init__(self, config: HRMACTv1Config):
+        super().__init__()
+        self.eps = config.rms_norm_eps
+        self.self_attn = Attention(config)
+        self.mlp = MixtureOfExperts(config) if config.use_moe else SwiGLU(config)
+
+    def forward(self, h: torch.Tensor, rotary) -> tuple[torch.Tensor, torch.Tensor]:
+        h = rms_norm(h + self.self_attn(h, rotary), self.eps)
+        if isinstance(self.mlp, MixtureOfExperts):
+            ffn, aux = self.mlp(h)
+        else:
+            ffn, aux = self.mlp(h), h.new_zeros((), dtype=torch.float32)
+        return rms_norm(h + ffn, self.eps), aux
+
+
+class ReasoningModule(nn.Module):
+    """f(z, injection) = blocks(z + injection): input injection by addition."""
+
+    def __init__(self, config: HRMACTv1Config, num_layers: int):
+        super().__init__()
+        self.layers = nn.ModuleList(Block(config) for _ in range(num_layers))
+        self.gradient_checkpointing = config.gradient_checkpointing
+
+    def forward(self, z: torch.Tensor, injection: torch.Tensor, rotary) -> tuple[torch.Tensor, torch.Tensor]:
+        h = z + injection
+        aux = h.new_zeros((), dtype=torch.float32)
+        for layer in self.layers:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                h, layer_aux = checkpoint(layer, h, rotary, use_reentrant=False)
+            else:
+                h, layer_aux = layer(h, rotary)
+            aux = aux + layer_aux
+        return h, aux
+
+
+# ----------------------------------------------------------------------------------------------------
+# One segment: the inner model
+
+
+class HRMInner(nn.Module):
+    def __init__(self, config: HRMACTv1Config):
+        super().__init__()
+        self.config = config
+        D = config.hidden_size
+        self.embed_scale = math.sqrt(D)
+        self.prefix_len = config.puzzle_emb_len  # P
+        positions = config.seq_len + self.prefix_len  # S_max
+
+        self.embed_tokens = nn.Embedding(config.vocab_size, D)
+        trunc_normal_init_(self.embed_tokens.weight, std=1.0 / self.embed_scale)
+        if config.puzzle_emb_ndim > 0:
+            # The reference keeps this table sparse with its own optimizer; here it is dense, zero-initialised.
+            self.puzzle_emb = nn.Embedding(config.num_puzzle_identifiers, config.puzzle_emb_ndim)
+            nn.init.zeros_(self.puzzle_emb.weight)
+        if config.pos_encodings == "rope":
+            self.rotary = RotaryEmbedding(config.head_dim, positions, config.rope_theta)
+        else:
+            self.embed_pos = nn.Embedding(positions, D)
+            trunc_normal_init_(self.embed_pos.weight, std=1.0 / self.embed_scale)
+
+        self.H_level = ReasoningModule(config, config.H_layers)
+        self.L_level = ReasoningModule(config, config.L_layers)
+        self.lm_head = Linear(D, config.vocab_size)
+        self.q_head = Linear(D, 2, bias=True)  # (halt, continue)
+        with torch.no_grad():
+            self.q_head.weight.zero_()
+            self.q_head.bias.fill_(-5.0)
+        self.register_buffer("H_init", trunc_normal_init_(torch.empty(D), std=1.0))
+        self.register_buffer("L_init", trunc_normal_init_(torch.empty(D), std=1.0))
+        # Under a causal mask only the last position has seen the whole sequence (see module docstring).
+        self.q_position = -1 if config.causal else 0
+
+    def embed(self, inputs: torch.Tensor, puzzle_identifiers: torch.Tensor | None) -> torch.Tensor:
+        x = self.embed_tokens(inputs)  # (B, T, D)
+        if self.prefix_len:
+            prefix = self.puzzle_emb(puzzle_identifiers)  # (B, ndim)
+            prefix = F.pad(prefix, (0, self.prefix_len * x.shape[-1] - prefix.shape[-1]))
+            x = torch.cat((prefix.view(x.shape[0], self.prefix_len, -1).to(x.dtype), x), dim=1)  # (B, S, D)
+        if self.config.pos_encodings == "learned":
+            x = 0.707106781 * (x + self.embed_pos.weight[: x.shape[1]])
+        return self.embed_scale * x
+
+    def forward(self, z_H: torch.Tensor, z_L: torch.Tensor, inputs: torch.Tensor,
+                puzzle_identifiers: torch.Tensor | None = None):
+        """One segment. Returns (z_H, z_L) detached, logits (B, T, V), q logits (B, 2), MoE aux loss."""
+        cfg = self.config
+        x = self.embed(inputs, puzzle_identifiers)  # (B, S, D)
+        rotary = self.rotary(x.shape[1]) if cfg.pos_encodings == "rope" else None
+        with torch.no_grad():  # all but the very last L and H update
+            for h_step in range(cfg.H_cycles):
+                for l_step in range(cfg.L_cycles):
+                    if not (h_step == cfg.H_cycles - 1 and l_step == cfg.L_cycles - 1):
+                        z_L, _ = self.L_level(z_L, z_H + x, rotary)
+                if h_step != cfg.H_cycles - 1:
+                    z_H, _ = self.H_level(z_H, z_L, rotary)
+        # The one-step gradient: only these two updates are in the autograd graph.
+        z_L, aux_L = self.L_level(z_L, z_H + x, rotary)
+        z_H, aux_H = self.H_level(z_H, z_L, rotary)
+        logits = self.lm_head(z_H)[:, self.prefix_len:]  # (B, T, V)
+        q_logits = self.q_head(z_H[:, self.q_position]).float()  # (B, 2)
+        return z_H.detach(), z_L.detach(), logits, q_logits, aux_L + aux_H
+
+
+# ----------------------------------------------------------------------------------------------------
+# ACT wrapper
+
+
+@dataclass
+class ACTCarry:
+    """Per-row state that persists across optimizer steps while a sample is being worked on."""
+
+    z_H: torch.Tensor  # (B, S, D)
+    z_L: torch.Tensor  # (B, S, D)
+    steps: torch.Tensor  # (B,) int32: segments run on the current sample
+    halted: torch.Tensor  # (B,) bool: row is done; the next call resets it with a new sample
+    current_data: dict[str, torch.Tensor]  # the sample each row works on: inputs, labels, ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Flat tensors (for safetensors checkpoints)."""
+        state = {"z_H": self.z_H, "z_L": self.z_L, "steps": self.steps, "halted": self.halted}
+        state.update({f"data.{k}": v for k, v in self.current_data.items()})
+        return {k: v.detach().contiguous() for k, v in state.items()}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> ACTCarry:
+        data = {k[len("data."):]: v for k, v in state.items() if k.startswith("data.")}
+        return cls(state["z_H"], state["z_L"], state["steps"], state["halted"].bool(), data)
+
+    def to(self, device: torch.device | str) -> ACTCarry:
+        return ACTCarry(self.z_H.to(device), self.z_L.to(device), self.steps.to(device),
+                        self.halted.to(device), {k: v.to(device) for k, v in self.current_data.items()})
+
+
+def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Broadcast a (B,) row mask against a (B, ...) tensor."""
+    return mask.view((-1,) + (1,) * (like.ndim - 1))
+
+
+class HRMACTv1(nn.Module):
+    """The model: `forward(carry, batch) -> (carry, outputs)` runs one ACT segment for every row.
+
+    `batch` holds a candidate sample per row ("inputs" (B, T), "labels" (B, T), optional
+    "puzzle_identifiers" (B,)); only rows whose carry is halted take theirs, the others keep working on
+    `carry.current_data`. A training loop therefore refills just the halted rows (see `carry.halted`).
+    """
+
+    def __init__(self, config: HRMACTv1Config):
+        super().__init__()
+        self.config = config
+        self.inner = HRMInner(config)
+        if config.use_flash_attn and not flash_attn_available():
+            log.warning("--use-flash-attn: flash-attn is not installed or CUDA is unavailable; "
+                        "falling back to torch scaled_dot_product_attention")
+
+    def num_parameters(self, include_puzzle_embedding: bool = False) -> int:
+        return sum(p.numel() for name, p in self.named_parameters()
+                   if include_puzzle_embedding or not name.startswith("inner.puzzle_emb."))
+
+    def initial_carry(self, batch: dict[str, torch.Tensor]) -> ACTCarry:
+        """A carry with every row halted, so the first call takes every row's sample."""
+        inputs = batch["inputs"]
+        B, T = inputs.shape
+        S, D = T + self.inner.prefix_len, self.config.hidden_size
+        z = torch.zeros(B, S, D, device=inputs.device)
+        return ACTCarry(
+            z_H=z, z_L=z.clone(),
+            steps=torch.zeros(B, dtype=torch.int32, device=inputs.device),
+            halted=torch.ones(B, dtype=torch.bool, device=inputs.device),
+            current_data={k: torch.zeros_like(v) for k, v in batch.items()},
+        )
+
+    def forward(self, carry: ACTCarry, batch: dict[str, torch.Tensor]) -> tuple[ACTCarry, dict[str, torch.Tensor]]:
+        cfg, inner = self.config, self.inner
+        # 1. Reset halted rows: fresh state, steps 0, the new sample. Other rows keep theirs.
+        reset = carry.halted
+        z_H = torch.where(_rows(reset, carry.z_H), inner.H_init.to(carry.z_H.dtype), carry.z_H)
+        z_L = torch.where(_rows(reset, carry.z_L), inner.L_init.to(carry.z_L.dtype), carry.z_L)
+        steps = torch.where(reset, 0, carry.steps)
+        data = {k: torch.where(_rows(reset, v), batch[k], v) for k, v in carry.current_data.items()}
+
+        # 2. One segment.
+        z_H, z_L, logits, q_logits, aux_loss = inner(z_H, z_L, data["inputs"], data.get("puzzle_identifiers"))
+        q_halt, q_continue = q_logits.unbind(-1)  # (B,), (B,)
+        outputs = {"logits": logits, "q_halt_logits": q_halt, "q_continue_logits": q_continue,
+                   "aux_loss": aux_loss}
+
+        with torch.no_grad():
+            steps = steps + 1
+            is_last = steps >= cfg.halt_max_steps
+            halted = is_last
+            # 3. Training: learned halting with exploration, and the bootstrapped continue target.
+            if self.training and cfg.halt_max_steps > 1:
+                halted = halted | (q_halt > q_continue)
+                explore = torch.rand_like(q_halt) < cfg.halt_exploration_prob
+                min_steps = explore * torch.randint_like(steps, low=2, high=cfg.halt_max_steps + 1)
+                halted = halted & (steps >= min_steps)
+                _, _, _, next_q, _ = inner(z_H, z_L, data["inputs"], data.get("puzzle_identifiers"))
+                next_halt, next_continue = next_q.unbind(-1)
+                outputs["target_q_continue"] = torch.sigmoid(
+                    torch.where(is_last, next_halt, torch.maximum(next_halt, next_continue)))
+            # 4. Evaluation: every row runs all M segments.
+        return ACTCarry(z_H, z_L, steps.to(torch.int32), halted, data), outputs
+
+    # -- save / load: a normal model directory (config.json + model.safetensors, no pickle) --------
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        _atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(state, path, metadata={"format": "pt"}))
+        text = json.dumps(self.config.to_dict(), indent=2, sort_keys=True) + "\n"
+        _atomic_write(directory / CONFIG_NAME, lambda path: Path(path).write_text(text))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> HRMACTv1:
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        config = HRMACTv1Config.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
+        model = cls(config)
+        model.load_state_dict(load_file(directory / WEIGHTS_NAME, device=str(device)))
+        return model.to(device)
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loss
+
+
+def shift_labels(tokens: torch.Tensor, pad_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """LM batch from token windows (B, T+1): predict token t+1 from tokens <= t; padding -> -100."""
+    labels = tokens[:, 1:].clone()
+    if pad_mask is not None:
+        labels[pad_mask[:, 1:]] = IGNORE_LABEL_ID
+    return {"inputs": tokens[:, :-1].contiguous(), "labels": labels}
+
+
+def stablemax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token loss (B, T) with stablemax s(x) = x + 1 (x >= 0), 1 / (1 - x) (x < 0), in float64."""
+    x = logits.to(torch.float64)
+    s = torch.where(x < 0, 1 / (1 - x), x + 1)
+    logprobs = torch.log(s / s.sum(-1, keepdim=True))
+    valid = labels != IGNORE_LABEL_ID
+    picked = logprobs.gather(-1, torch.where(valid, labels, 0).long().unsqueeze(-1)).squeeze(-1)
+    return -torch.where(valid, picked, 0)
+
+
+def softmax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token loss (B, T), float32, 0 where labels are ignored."""
+    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.long().flatten(), ignore_index=IGNORE_LABEL_ID,
+                           reduction="none")
+    return loss.view(labels.shape)
+
+
+def act_loss(carry: ACTCarry, outputs: dict[str, torch.Tensor], config: HRMACTv1Config):
+    """Loss of one segment, summed over rows (the caller divides by the global batch size).
+
+    total = token loss + 0.5 * (q_halt loss + q_continue loss) [+ MoE coef * aux * B].
+    Returns (total, metrics) where metrics are sums over rows (divide by `count` / `rows` to average):
+      count, accuracy, exact_accuracy, q_halt_accuracy, steps  -- over rows that halted this segment
+      rows, token_accuracy_all, lm_loss, q_halt_loss, q_continue_loss, aux_loss -- over all rows
+    """
+    labels = carry.current_data["labels"]
+    logits = outputs["logits"]
+    mask = labels != IGNORE_LABEL_ID  # (B, T)
+    counts = mask.sum(-1)  # (B,)
+    divisor = counts.clamp_min(1)
+
+    with torch.no_grad():
+        correct = mask & (logits.argmax(-1) == labels)
+        token_acc = correct.sum(-1) / divisor  # (B,)
+        seq_correct = correct.sum(-1) == counts
+        # LM mode rewards halting by token accuracy (a soft target); exact match in the puzzle setting.
+        q_halt_target = token_acc.float() if config.causal else seq_correct.float()
+        q_halt = outputs["q_halt_logits"]
+        valid = carry.halted & (counts > 0)
+        metrics = {
+            "count": valid.sum(),
+            "accuracy": torch.where(valid, token_acc, 0).sum(),
+            "exact_accuracy": (valid & seq_correct).sum(),
+            "q_halt_accuracy": (valid & ((q_halt >= 0) == (q_halt_target >= 0.5))).sum(),
+            "steps": torch.where(valid, carry.steps, 0).sum(),
+            "rows": torch.tensor(labels.shape[0], device=labels.device),
+            "token_accuracy_all": token_acc.sum(),
+        }
+
+    loss_fn = stablemax_cross_entropy if config.loss_type == "stablemax" else softmax_cross_entropy
+    lm_loss = (loss_fn(logits, labels) / divisor[:, None]).sum()
+    q_halt_loss = F.binary_cross_entropy_with_logits(q_halt, q_halt_target, reduction="sum")
+    total = lm_loss + 0.5 * q_halt_loss
+    q_continue_loss = torch.zeros((), device=labels.device)
+    if "target_q_continue" in outputs:
+        q_continue_loss = F.binary_cross_entropy_with_logits(
+            outputs["q_continue_logits"], outputs["target_q_continue"], reduction="sum")
+        total = total + 0.5 * q_continue_loss
+    aux = outputs["aux_loss"]
+    if config.use_moe:
+        total = total + config.moe_aux_loss_coef * aux * labels.shape[0]
+    metrics.update({"lm_loss": lm_loss.detach(), "q_halt_loss": q_halt_loss.detach(),
+                    "q_continue_loss": q_continue_loss.detach(), "aux_loss": aux.detach()})
+    return total, metrics
