@@ -167,7 +167,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model.eval()
         carry, out = model(model.initial_carry(batch), batch)
         act_loss(carry, out, model.config)[0].backward()
-    for (name, p1), (_, p2) in zip(plain.named_parameters(), ckpt.named_parameters()):
+    for (name, p1), (_, p2) in zip(plain.named_parameters(), ckpt.named_parameters(), strict=True):
         torch.testing.assert_close(p1.grad, p2.grad, msg=name)
 
 
@@ -394,7 +394,7 @@ def test_moe_batched_dispatch_equals_a_per_token_reference():
     top_p = top_p / top_p.sum(-1, keepdim=True)
     expected = torch.zeros_like(tokens)
     for n in range(tokens.shape[0]):
-        for p, e in zip(top_p[n], top_e[n]):
+        for p, e in zip(top_p[n], top_e[n], strict=True):
             gate, up = (tokens[n] @ moe.gate_up[e]).chunk(2)
             expected[n] += p * ((F.silu(gate) * up) @ moe.down[e])
     torch.testing.assert_close(out.reshape(-1, 32), expected, atol=1e-5, rtol=1e-5)
