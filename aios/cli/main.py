@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
 import typer
 from rich.console import Console
+from rich.logging import RichHandler
 
 from aios import __version__
 from aios.errors import AiosError
@@ -40,13 +42,17 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
     _state["debug"] = debug
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=err_console, show_path=False, show_time=False)])
 
 
 def _register() -> None:
-    from aios.cli import hrm_hf, tokenizer
+    from aios.cli import brains, data, hrm_hf, tokenizer
 
     app.add_typer(hrm_hf.app, name="hrm-hf", help="HRM models with Hugging Face tokenizers: train, generate, eval.")
     app.add_typer(tokenizer.app, name="tokenizer", help="Train, inspect and use tokenizers (offline).")
+    app.add_typer(data.app, name="data", help="Prepare and inspect tokenized training data.")
+    app.add_typer(brains.app, name="brains", help="List and inspect brain bundles.")
 
 
 _register()

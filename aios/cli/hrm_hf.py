@@ -1,0 +1,181 @@
+"""`aios hrm-hf ...`: HRM ACT v1 models with Hugging Face tokenizers.
+
+`train-actv1` has one option per `TrainingConfig` field, generated (aios/cli/options.py), plus `--config`
+(a YAML preset) and `--print-config`. Precedence: field defaults < the preset < flags typed by the user.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+
+# typer ships its own click; its exception base class is how a parse error is recognised in-process.
+from typer._click.exceptions import ClickException
+
+from aios.cli.options import typed_by_user, with_config_options
+from aios.config.training import TrainingConfig, error_field, format_validation_error, read_yaml_settings
+from aios.errors import AiosError
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode="rich")
+
+
+@app.callback()
+def _hrm_hf() -> None:
+    """HRM ACT v1 models with Hugging Face tokenizers."""
+
+
+# Passed as the click context object by `parse_cli_args`: build the config, return it, launch nothing.
+_PARSE_ONLY = object()
+
+_COMMAND_PARAMETERS = [
+    inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context),
+    inspect.Parameter(
+        "config",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
+        annotation=Annotated[
+            str | None,
+            typer.Option(
+                "--config",
+                metavar="FILE.yaml",
+                help="YAML preset (e.g. config/train/demo-cpu.yaml); flags you type override its values.",
+            ),
+        ],
+    ),
+    inspect.Parameter(
+        "print_config",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=False,
+        annotation=Annotated[
+            bool, typer.Option("--print-config", help="Print the resolved config as JSON and exit; no training.")
+        ],
+    ),
+]
+
+
+def resolve_config(ctx: typer.Context, preset: str | None, flag_values: dict[str, Any]) -> TrainingConfig:
+    """defaults < preset < flags the user typed (a flag left at its default does not undo the preset)."""
+    preset_settings = read_yaml_settings(preset) if preset else {}
+    typed = typed_by_user(ctx, flag_values)
+    settings = {**preset_settings, **{name: flag_values[name] for name in typed}}
+    try:
+        return TrainingConfig.model_validate(settings)
+    except ValidationError as exc:
+        message = format_validation_error(exc)
+        field = error_field(exc)
+        from_preset = field in preset_settings and field not in typed  # then say which file to fix
+        raise AiosError(f"{preset}: {message}" if from_preset else message) from None
+
+
+@app.command("train-actv1")
+@with_config_options(TrainingConfig, _COMMAND_PARAMETERS)
+def train_actv1(ctx: typer.Context, config: str | None, print_config: bool, **flag_values: Any) -> Any:
+    """Train an HRM ACT v1 model on text into a brain bundle (<bundle-dir>/<brain-name>/).
+
+    Settings come from the field defaults, then --config FILE.yaml, then the flags you type.
+    """
+    training_config = resolve_config(ctx, config, flag_values)
+    if ctx.obj is _PARSE_ONLY:
+        return training_config
+    if print_config:
+        typer.echo(training_config.to_json(), nl=False)
+        return None
+    from aios.train import launch  # imported here: --help and --print-config must not pay for torch
+
+    result = launch(training_config)
+    summary = f"{result.reason}: {result.step} steps; bundle {result.bundle}"
+    if result.final_eval:
+        ev = result.final_eval
+        summary += (f"; eval loss {ev['loss']:.3f} (perplexity {ev['perplexity']:.1f}), "
+                    f"token accuracy {ev['token_accuracy']:.3f}; unigram entropy of the data "
+                    f"{result.unigram_entropy:.3f}")
+    typer.echo(summary)
+    return None
+
+
+@app.command("generate")
+def generate_command(
+    brain: Annotated[str, typer.Option("--brain", help="Bundle name under --bundle-dir, or a bundle directory.")],
+    prompt: Annotated[str, typer.Option("--prompt", help="Text to continue.")] = "",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Tokens to generate.")] = 64,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0,
+                                               help="Sampling temperature; 0 = greedy.")] = 0.8,
+    top_k: Annotated[int, typer.Option("--top-k", min=0, help="Sample from the k likeliest tokens; 0 = all.")] = 40,
+    seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
+    bundle_dir: Annotated[str, typer.Option("--bundle-dir", help="Directory that holds brain bundles.")]
+    = "artifacts/brains/actv1",
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")] = "auto",
+) -> None:
+    """Continue a prompt with a trained brain (ACT inference: segments until the Q-head halts, at most M)."""
+    import torch
+
+    from aios.bundle import BrainBundle
+    from aios.inference import generate
+    from aios.train.session import resolve_device
+
+    bundle = BrainBundle.open(brain, bundle_dir)
+    dev = resolve_device(device)
+    model, tokenizer = bundle.load_model(dev), bundle.load_tokenizer()
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False) or [tokenizer.eos_token_id]
+    generator = torch.Generator(device=dev).manual_seed(seed)
+    new_ids, segments = generate(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 top_k=top_k or None, eos_id=tokenizer.eos_token_id, device=dev, generator=generator)
+    typer.echo(prompt + tokenizer.decode(new_ids, skip_special_tokens=True))
+    typer.echo(f"[{len(new_ids)} tokens, {segments:.2f} ACT segments per token (max "
+               f"{model.config.halt_max_steps})]", err=True)
+
+
+@app.command("eval")
+def eval_command(
+    brain: Annotated[str, typer.Option("--brain", help="Bundle name under --bundle-dir, or a bundle directory.")],
+    eval_file: Annotated[str, typer.Option("--eval-file", help="Text to evaluate on (.txt/.jsonl/.csv).")],
+    eval_batches: Annotated[int, typer.Option("--eval-batches", min=1, help="Batches to evaluate.")] = 10,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per batch.")] = 8,
+    text_field: Annotated[str, typer.Option("--text-field", help=".jsonl field / .csv column.")] = "text",
+    text_mode: Annotated[str, typer.Option("--text-mode", help=".txt: 'lines' (a sample per line) or 'document'.")]
+    = "document",
+    data_cache_dir: Annotated[str, typer.Option("--data-cache-dir", help="Prepared-data cache.")]
+    = "artifacts/prepared_data",
+    bundle_dir: Annotated[str, typer.Option("--bundle-dir", help="Directory that holds brain bundles.")]
+    = "artifacts/brains/actv1",
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")] = "auto",
+) -> None:
+    """Loss, perplexity, token accuracy and ACT segments of a brain on a text file (prints JSON)."""
+    import json
+
+    from aios.bundle import BrainBundle
+    from aios.data import prepare_dataset
+    from aios.inference import evaluate_lm
+    from aios.train.session import resolve_device
+
+    bundle = BrainBundle.open(brain, bundle_dir)
+    dev = resolve_device(device)
+    model, tokenizer = bundle.load_model(dev), bundle.load_tokenizer()
+    try:
+        data = prepare_dataset(eval_file, tokenizer, str(bundle.root), max_seq_len=model.config.seq_len,
+                               chunk_size=4096, cache_dir=data_cache_dir, text_field=text_field,
+                               text_mode=text_mode)
+    except AiosError as exc:
+        raise AiosError(f"--eval-file: {exc}") from None
+    result = evaluate_lm(model, data.sequential_batches(batch_size, eval_batches), dev)
+    typer.echo(json.dumps({"brain": bundle.name, "eval_file": eval_file, **result}, indent=2))
+
+
+def parse_cli_args(args: list[str]) -> TrainingConfig:
+    """The TrainingConfig that `aios hrm-hf train-actv1 <args>` would train with, without training.
+
+    Runs the real click parsing (types, choices, --config presets, parameter sources) in-process.
+    """
+    command = typer.main.get_command(app)
+    try:
+        config = command.main(
+            args=["train-actv1", *args], prog_name="aios hrm-hf", standalone_mode=False, obj=_PARSE_ONLY
+        )
+    except ClickException as exc:
+        raise AiosError(exc.format_message()) from None
+    if not isinstance(config, TrainingConfig):  # e.g. --help, which prints and exits early
+        raise AiosError(f"`train-actv1 {' '.join(args)}` did not produce a config; drop --help")
+    return config
