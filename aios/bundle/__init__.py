@@ -1,0 +1,154 @@
+"""Brain bundles: `<bundle-dir>/<brain-name>/`, a normal, self-describing model directory.
+
+    config.json              HRM ACT v1 model config
+    model.safetensors        weights
+    tokenizer.json (+ tokenizer_config.json, ...)
+    metadata.json            name, times, steps, tokens seen, dataset fingerprints, last metrics, versions
+    training_args.json       the full TrainingConfig of the run
+    chunk_tracker_state.json where the data sampler is (epoch, chunks completed, cursor, totals)
+    metrics.jsonl            one JSON record per step / eval / checkpoint / stop / end
+    checkpoints/step-N/      full-state checkpoints (see aios.train.checkpoint)
+
+Loading for inference needs only config.json, model.safetensors and the tokenizer files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from aios.atomic import atomic_write_json, atomic_write_text
+from aios.errors import AiosError
+from aios.models.hrm_act_v1 import CONFIG_NAME, WEIGHTS_NAME, HRMACTv1
+
+METADATA = "metadata.json"
+TRAINING_ARGS = "training_args.json"
+TRACKER = "chunk_tracker_state.json"
+METRICS = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+
+
+def package_versions() -> dict[str, str]:
+    import numpy
+    import tokenizers
+    import transformers
+
+    from aios import __version__
+
+    return {"aios": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "tokenizers": tokenizers.__version__, "numpy": numpy.__version__, "python": platform.python_version()}
+
+
+class BrainBundle:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @classmethod
+    def for_run(cls, bundle_dir: str | Path, brain_name: str) -> BrainBundle:
+        return cls(Path(bundle_dir) / brain_name)
+
+    @classmethod
+    def open(cls, name_or_path: str, bundle_dir: str | Path) -> BrainBundle:
+        """An existing bundle, by name under `bundle_dir` or by path; AiosError when it is not a bundle."""
+        candidate = Path(name_or_path)
+        if not (candidate / CONFIG_NAME).is_file():  # not a bundle path: a name under bundle_dir
+            candidate = Path(bundle_dir) / name_or_path
+        bundle = cls(candidate)
+        problem = bundle.missing()
+        if problem:
+            raise AiosError(f"'{name_or_path}' is not a brain bundle ({problem}): pass a bundle name under "
+                            f"'{bundle_dir}' (see `aios brains list`) or a bundle directory")
+        return bundle
+
+    # -- paths ------------------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.root / CHECKPOINTS
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.root / METRICS
+
+    def missing(self) -> str | None:
+        """What keeps this directory from loading for inference, or None."""
+        if not self.root.is_dir():
+            return f"no directory {self.root}"
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (self.root / name).is_file():
+                return f"{name} is missing in {self.root}"
+        if not any((self.root / name).is_file() for name in TOKENIZER_FILES):
+            return f"no tokenizer files in {self.root}"
+        try:
+            json.loads((self.root / CONFIG_NAME).read_text())
+        except ValueError as exc:
+            return f"config.json is not valid JSON ({exc})"
+        return None
+
+    # -- write ------------------------------------------------------------------------------------------
+    def write_model(self, model: HRMACTv1) -> None:
+        model.save_pretrained(self.root)  # each file written atomically
+
+    def write_tokenizer(self, tokenizer) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.root, prefix=".tokenizer-") as tmp:
+            tokenizer.save_pretrained(tmp)
+            for file in Path(tmp).iterdir():
+                os.replace(file, self.root / file.name)
+
+    def write_training_args(self, config) -> None:
+        atomic_write_text(self.root / TRAINING_ARGS, config.to_json() + "\n")
+
+    def write_tracker(self, progress: dict) -> None:
+        atomic_write_json(self.root / TRACKER, {**progress, "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
+    def update_metadata(self, **fields) -> dict:
+        meta = self.metadata()
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        meta.setdefault("name", self.name)
+        meta.setdefault("created", now)
+        meta.update(fields, updated=now, versions=package_versions())
+        atomic_write_json(self.root / METADATA, meta)
+        return meta
+
+    # -- read -------------------------------------------------------------------------------------------
+    def metadata(self) -> dict:
+        path = self.root / METADATA
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def training_args(self) -> dict:
+        path = self.root / TRAINING_ARGS
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def tracker(self) -> dict:
+        path = self.root / TRACKER
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def load_model(self, device: torch.device | str = "cpu") -> HRMACTv1:
+        try:
+            return HRMACTv1.from_pretrained(self.root, device=device)
+        except (ValueError, OSError, RuntimeError, KeyError, TypeError) as exc:
+            raise AiosError(f"bundle '{self.root}' has an unusable model ({str(exc).splitlines()[0]}): "
+                            f"retrain it or restore config.json/model.safetensors from a checkpoint") from None
+
+    def load_tokenizer(self):
+        from aios.tokenizers import load_tokenizer
+
+        return load_tokenizer(str(self.root))
+
+
+def list_bundles(bundle_dir: str | Path) -> list[BrainBundle]:
+    root = Path(bundle_dir)
+    if not root.is_dir():
+        return []
+    return [BrainBundle(p) for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")]

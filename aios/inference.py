@@ -1,0 +1,97 @@
+"""Using a trained HRM ACT v1 language model: evaluation and ACT generation."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from aios.models.hrm_act_v1 import IGNORE_LABEL_ID, HRMACTv1, shift_labels
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    """bf16/fp16 autocast on `device`, or nothing when dtype is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate_lm(model: HRMACTv1, batches: Iterable[np.ndarray], device: torch.device,
+                amp_dtype: torch.dtype | None = None) -> dict:
+    """Loss, perplexity and token accuracy after all M segments (evaluation runs every segment).
+
+    `q_halt_segments` is the mean segment at which the Q-head first asked to halt (M if it never did):
+    how much computation ACT inference (`generate`) would spend on these sequences.
+    """
+    was_training = model.training
+    model.eval()
+    M = model.config.halt_max_steps
+    loss_sum, tokens, correct, sequences, halt_segments = 0.0, 0, 0, 0, 0
+    try:
+        for window in batches:
+            batch = shift_labels(torch.as_tensor(np.asarray(window), dtype=torch.long, device=device))
+            carry = model.initial_carry(batch)
+            first_halt = torch.full((batch["inputs"].shape[0],), M, device=device)
+            for segment in range(1, M + 1):
+                with autocast_context(device, amp_dtype):
+                    carry, outputs = model(carry, batch)
+                wants_halt = (outputs["q_halt_logits"] > outputs["q_continue_logits"]) & (first_halt == M)
+                first_halt = torch.where(wants_halt, torch.full_like(first_halt, segment), first_halt)
+            labels = batch["labels"]
+            logits = outputs["logits"].float()
+            mask = labels != IGNORE_LABEL_ID
+            loss_sum += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_LABEL_ID,
+                                        reduction="sum").item()
+            tokens += int(mask.sum())
+            correct += int((mask & (logits.argmax(-1) == labels)).sum())
+            sequences += labels.shape[0]
+            halt_segments += float(first_halt.sum())
+    finally:
+        model.train(was_training)
+    if tokens == 0:
+        raise ValueError("no evaluation tokens")
+    loss = loss_sum / tokens
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "token_accuracy": correct / tokens,
+            "segments": float(M), "q_halt_segments": halt_segments / sequences, "sequences": sequences,
+            "tokens": tokens}
+
+
+@torch.no_grad()
+def generate(model: HRMACTv1, prompt_ids: list[int], *, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, eos_id: int | None = None, device: torch.device | str = "cpu",
+             generator: torch.Generator | None = None) -> tuple[list[int], float]:
+    """Sample tokens one at a time with ACT inference: per token, run segments until the Q-head halts
+    (q_halt > q_continue) or M. Returns (new token ids, mean segments used per token)."""
+    model.eval()
+    M, T = model.config.halt_max_steps, model.config.seq_len
+    ids = list(prompt_ids)
+    new_tokens: list[int] = []
+    segments_used = 0
+    for _ in range(max_new_tokens):
+        context = torch.tensor([ids[-T:]], dtype=torch.long, device=device)  # (1, t)
+        batch = {"inputs": context, "labels": torch.full_like(context, IGNORE_LABEL_ID)}
+        carry = model.initial_carry(batch)
+        for _ in range(M):
+            carry, outputs = model(carry, batch)
+            segments_used += 1
+            if outputs["q_halt_logits"].item() > outputs["q_continue_logits"].item():
+                break
+        logits = outputs["logits"][0, -1].float()  # (V,)
+        if temperature <= 0:
+            token = int(logits.argmax())
+        else:
+            logits = logits / temperature
+            if top_k:
+                kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            token = int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+        ids.append(token)
+        new_tokens.append(token)
+        if eos_id is not None and token == eos_id:
+            break
+    return new_tokens, segments_used / max(1, len(new_tokens))

@@ -1,0 +1,507 @@
+"""The worker loop: one HRM ACT v1 training run on one rank. Pure PyTorch; it never imports ray.
+
+Whoever runs it passes a `Session` (rank, world size, device, restore, report, stop_requested): the
+in-process `LocalSession` here, the Ray runner on a cluster.
+
+ACT streaming. One optimizer step runs one segment for every row of every micro-batch. A sample stays in
+its row across steps until the row halts; only halted rows draw a new sample from the chunk sampler.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from aios.bundle import BrainBundle
+from aios.config import TrainingConfig
+from aios.data import ChunkSampler, PreparedDataset, prepare_dataset
+from aios.errors import AiosError
+from aios.inference import autocast_context, evaluate_lm
+from aios.models.hrm_act_v1 import ACTCarry, HRMACTv1, HRMACTv1Config, act_loss, shift_labels
+from aios.tokenizers import load_tokenizer, tokenizer_fingerprint
+from aios.train import checkpoint as ckpt
+from aios.train.optim import build_optimizer, build_scheduler
+from aios.train.session import Session
+
+log = logging.getLogger(__name__)
+
+HOLDOUT_FRACTION = 0.05  # held-out tail of the training text when no --eval-file is given
+MAX_NONFINITE_STEPS = 10  # consecutive skipped steps before the run gives up
+
+
+class TrainCallbacks:
+    """Hooks for tests and tools; the defaults do nothing."""
+
+    def before_micro_step(self, trainer: Trainer, micro_step: int) -> None:
+        """Called before each micro-batch forward (e.g. to inject a fault)."""
+
+    def after_step(self, trainer: Trainer, record: dict) -> None:
+        """Called after each completed optimizer step with its metrics record."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    reason: str  # steps | end_of_data | stop
+    final_eval: dict | None
+    bundle: Path
+    unigram_entropy: float | None = None
+
+
+def model_config_for(config: TrainingConfig, vocab_size: int) -> HRMACTv1Config:
+    return HRMACTv1Config(
+        vocab_size=vocab_size, seq_len=config.max_seq_len, hidden_size=config.hidden_size,
+        num_heads=config.num_heads, expansion=config.expansion, H_layers=config.h_layers,
+        L_layers=config.l_layers, H_cycles=config.h_cycles, L_cycles=config.l_cycles,
+        pos_encodings=config.pos_encodings, halt_max_steps=config.halt_max_steps,
+        halt_exploration_prob=config.halt_exploration_prob, causal=True, window_size=config.window_size,
+        loss_type=config.loss_type, use_moe=config.use_moe, num_experts=config.num_experts,
+        num_experts_per_tok=config.num_experts_per_tok, moe_capacity_factor=config.moe_capacity_factor,
+        moe_aux_loss_coef=config.moe_aux_loss_coef, use_flash_attn=config.use_flash_attn,
+        gradient_checkpointing=config.gradient_checkpointing,
+    )
+
+
+def amp_dtype_for(config: TrainingConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CPU and CUDA; fp16 (with a GradScaler) on CUDA only."""
+    if not config.amp:
+        return None
+    if config.amp_dtype == "fp16":
+        if device.type == "cuda":
+            return torch.float16
+        log.warning("--amp-dtype fp16 needs CUDA (a GradScaler on CPU is not supported); using bf16 autocast")
+    return torch.bfloat16
+
+
+def unigram_entropy(dataset: PreparedDataset) -> float:
+    """Entropy (nats per token) of the training tokens' unigram distribution: the loss of a model that
+    ignores context, a baseline the trained model's eval loss should fall well below."""
+    counts = np.zeros(dataset.vocab_size, dtype=np.int64)
+    for start in range(0, dataset.num_train, 4096):
+        rows = dataset.get(np.arange(start, min(start + 4096, dataset.num_train)))
+        counts += np.bincount(rows[:, 1:].ravel(), minlength=dataset.vocab_size)[: dataset.vocab_size]
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class MetricsLog:
+    """Append-only JSONL; one record per line, flushed as written."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.file = open(path, "a", buffering=1)
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+class Trainer:
+    def __init__(self, config: TrainingConfig, session: Session, callbacks: TrainCallbacks | None = None):
+        self.config = config
+        self.session = session
+        self.callbacks = callbacks or TrainCallbacks()
+        self.rank, self.world = session.rank, session.world_size
+        self.device = session.device
+        self.is_main = self.rank == 0
+        self.bundle = BrainBundle.for_run(config.bundle_dir, config.brain_name)
+
+        random.seed(config.seed + self.rank)
+        np.random.seed(config.seed + self.rank)
+        torch.manual_seed(config.seed + self.rank)
+
+        self.tokenizer = load_tokenizer(config.model)
+        self.dataset, self.eval_dataset = self._prepare_data()
+
+        vocab_size = len(self.tokenizer)
+        if self.dataset.vocab_size > vocab_size:
+            raise AiosError(f"prepared data has vocab {self.dataset.vocab_size} > tokenizer {vocab_size}: "
+                            f"delete {self.dataset.path} and rerun")
+        torch.manual_seed(config.seed)  # identical initial weights on every rank
+        self.model = HRMACTv1(model_config_for(config, vocab_size)).to(self.device)
+        torch.manual_seed(config.seed + self.rank)
+        self.model.train()
+        self.amp_dtype = amp_dtype_for(config, self.device)
+        self.optimizer = build_optimizer(self.model, name=config.optimizer, lr=config.lr,
+                                         weight_decay=config.weight_decay, use_8bit=config.use_8bit_optimizer,
+                                         device=self.device)
+        self.scheduler = build_scheduler(self.optimizer, warmup_steps=config.warmup_steps,
+                                         total_steps=config.steps, min_ratio=config.min_lr_ratio)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+
+        self.micro_batch = config.batch_size
+        self.grad_accum = config.gradient_accumulation_steps
+        self.sampler = self._new_sampler()
+        self.carries = [self._empty_carry() for _ in range(self.grad_accum)]
+        self.step = 0
+        self.tokens_seen = 0
+        self.samples_drawn = 0
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
+        self.last_eval: dict | None = None
+        self.unigram_entropy = unigram_entropy(self.dataset) if self.is_main else None
+        self.restored_from = self._restore()
+
+    # -- setup ------------------------------------------------------------------------------------------
+    def _prepare_data(self) -> tuple[PreparedDataset, PreparedDataset]:
+        cfg = self.config
+        common = dict(tokenizer=self.tokenizer, tokenizer_name=cfg.model, max_seq_len=cfg.max_seq_len,
+                      chunk_size=cfg.dataset_chunk_size, cache_dir=cfg.data_cache_dir, text_mode=cfg.text_mode,
+                      text_field=cfg.text_field, ascii_only=cfg.ascii_only,
+                      progress=cfg.progress and self.is_main)
+        train = prepare_dataset(cfg.dataset_file, holdout_fraction=0.0 if cfg.eval_file else HOLDOUT_FRACTION,
+                                **common)
+        if cfg.eval_file:
+            try:
+                evaluation = prepare_dataset(cfg.eval_file, holdout_fraction=0.0, **common)
+            except AiosError as exc:
+                raise AiosError(f"--eval-file: {exc}") from None
+        else:
+            evaluation = train
+        return train, evaluation
+
+    def _new_sampler(self) -> ChunkSampler:
+        return ChunkSampler(self.dataset, seed=self.config.seed, micro_batch=self.micro_batch,
+                            grad_accum=self.grad_accum, rank=self.rank, world_size=self.world,
+                            iterate=self.config.iterate)
+
+    def _empty_carry(self) -> ACTCarry:
+        template = {"inputs": torch.zeros(self.micro_batch, self.config.max_seq_len, dtype=torch.long,
+                                          device=self.device)}
+        template["labels"] = template["inputs"].clone()
+        return self.model.initial_carry(template)
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.world
+
+    def _restore(self) -> Path | None:
+        directory = self.session.restore()
+        if directory is None:
+            return None
+        state = ckpt.load_state(directory)
+        saved_model = state["model_config"]
+        if saved_model != self.model.config.to_dict():
+            changed = sorted(k for k in saved_model if saved_model.get(k) != self.model.config.to_dict().get(k))
+            raise AiosError(f"checkpoint {directory} was made with a different model ({', '.join(changed)} "
+                            f"differ): resume with the same model flags or use a new --brain-name")
+        if state["global_batch"] != self.global_batch:
+            raise AiosError(f"checkpoint {directory} used a global batch of {state['global_batch']} sequences, "
+                            f"this run {self.global_batch}: keep --batch-size x --gradient-accumulation-steps "
+                            f"x workers the same to resume")
+        if state["dataset_fingerprint"] != self.dataset.fingerprint:
+            raise AiosError(f"checkpoint {directory} trained on other data (fingerprint "
+                            f"{state['dataset_fingerprint'][:12]}): resume with the same dataset and tokenizer")
+        self.model.load_state_dict(ckpt.load_model_weights(directory, self.device))
+        opt = ckpt.load_optimizer_state(directory)
+        self.optimizer.load_state_dict(opt["optimizer"])
+        self.scheduler.load_state_dict(opt["scheduler"])
+        if self.scaler is not None and opt.get("scaler"):
+            self.scaler.load_state_dict(opt["scaler"])
+        # An OOM back-off in the earlier run persists: keep its micro-batch split.
+        self.micro_batch, self.grad_accum = state["micro_batch"], state["grad_accum"]
+        self.sampler = self._new_sampler()
+        rng, carries, sampler_state = ckpt.load_rank_files(directory, self.rank, self.device)
+        self.sampler.load_state_dict(sampler_state)
+        self.carries = carries
+        ckpt.restore_rng_state(rng)
+        self.step = state["step"]
+        self.tokens_seen = state["tokens_seen"]
+        self.samples_drawn = state["samples_drawn"]
+        self.nonfinite_in_a_row = state["nonfinite_in_a_row"]
+        self.nonfinite_total = state["nonfinite_total"]
+        log.info("resumed from %s at step %d", directory, self.step)
+        return directory
+
+    # -- one optimizer step -----------------------------------------------------------------------------
+    def train_step(self) -> dict | None:
+        """One optimizer step with OOM back-off; None at the end of the data."""
+        sampler_state = self.sampler.state_dict()
+        carries = list(self.carries)
+        rng = torch.get_rng_state()
+        while True:
+            try:
+                return self._step_once()
+            except torch.cuda.OutOfMemoryError:
+                self.optimizer.zero_grad(set_to_none=True)
+                self.carries = carries
+                self.sampler.load_state_dict(sampler_state)
+                torch.set_rng_state(rng)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if self.micro_batch == 1:
+                    raise AiosError("out of memory at micro-batch 1: lower --max-seq-len or --hidden-size, or "
+                                    "enable --gradient-checkpointing and --amp") from None
+                self._halve_micro_batch()
+                log.warning("out of memory at step %d: retrying with micro-batch %d x %d accumulation steps "
+                            "(same global batch and sample order)", self.step + 1, self.micro_batch, self.grad_accum)
+
+    def _halve_micro_batch(self) -> None:
+        """Split every carry in two: slot s = (m * W + r) * b + row keeps its row for W = 1."""
+        if self.world != 1:
+            raise AiosError("out of memory: automatic micro-batch back-off needs a single worker; lower "
+                            "--batch-size and raise --gradient-accumulation-steps")
+        half = self.micro_batch // 2
+        if self.micro_batch % 2:
+            raise AiosError(f"out of memory at micro-batch {self.micro_batch}: it is odd, so it cannot be halved "
+                            f"keeping the global batch; use an even --batch-size or a smaller one")
+        state = self.sampler.state_dict()
+        split: list[ACTCarry] = []
+        for carry in self.carries:
+            full = carry.state_dict()
+            for part in range(2):
+                rows = slice(part * half, (part + 1) * half)
+                split.append(ACTCarry.from_state_dict({k: v[rows] for k, v in full.items()}))
+        self.micro_batch, self.grad_accum = half, self.grad_accum * 2
+        self.sampler = self._new_sampler()
+        self.sampler.load_state_dict(state)
+        self.carries = split
+
+    def _step_once(self) -> dict | None:
+        cfg, model = self.config, self.model
+        started = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.scheduler.get_last_lr()[0]
+        sums: dict[str, float] = {}
+        new_carries, drawn = [], 0
+        rows_per_rank = self.micro_batch * self.grad_accum
+        for m, carry in enumerate(self.carries):
+            self.callbacks.before_micro_step(self, m)
+            halted = carry.halted.cpu().numpy()
+            tokens = np.zeros((self.micro_batch, self.dataset.window), dtype=np.int64)
+            if halted.any():
+                fresh, exhausted = self.sampler.draw(self.sampler.slots_for(m)[halted])
+                if exhausted:
+                    return None
+                tokens[halted] = fresh
+                drawn += int(halted.sum())
+            batch = shift_labels(torch.from_numpy(tokens).to(self.device))
+            with autocast_context(self.device, self.amp_dtype):
+                carry, outputs = model(carry, batch)
+                loss, metrics = act_loss(carry, outputs, model.config)
+            scaled = loss / rows_per_rank  # summed over rows; one division for the whole step
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            new_carries.append(carry)
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+        self.carries = new_carries
+        self.samples_drawn += drawn
+        finite = math.isfinite(sums["loss"]) and math.isfinite(grad_norm)
+        if finite or self.scaler is not None:  # the scaler skips inf/nan steps itself
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.scheduler.step()
+        if finite:
+            self.nonfinite_in_a_row = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_in_a_row += 1
+            self.nonfinite_total += 1
+            for carry in self.carries:  # the rows' state may be poisoned: start them on fresh samples
+                carry.halted = torch.ones_like(carry.halted)
+            log.warning("non-finite loss or gradient at step %d: step skipped (%d in a row)",
+                        self.step + 1, self.nonfinite_in_a_row)
+            if self.nonfinite_in_a_row >= MAX_NONFINITE_STEPS:
+                raise AiosError(f"the loss was non-finite for {MAX_NONFINITE_STEPS} steps in a row: lower --lr, "
+                                f"use --grad-clip 1.0, or --no-amp")
+
+        elapsed = time.perf_counter() - started
+        step_tokens = rows_per_rank * cfg.max_seq_len * self.world
+        self.tokens_seen += step_tokens
+        rows, halted_rows = sums["rows"], sums["count"]
+        record = {
+            "event": "step", "step": self.step + 1, "epoch": int(self.sampler.epochs.min()), "lr": lr,
+            "loss": sums["loss"] / rows, "lm_loss": sums["lm_loss"] / rows,
+            "q_halt_loss": sums["q_halt_loss"] / rows, "q_continue_loss": sums["q_continue_loss"] / rows,
+            "aux_loss": sums["aux_loss"] / self.grad_accum, "grad_norm": _finite_or_none(grad_norm),
+            "token_accuracy": sums["token_accuracy_all"] / rows, "halted": int(halted_rows),
+            "segments": sums["steps"] / halted_rows if halted_rows else None,
+            "halted_accuracy": sums["accuracy"] / halted_rows if halted_rows else None,
+            "samples_drawn": drawn, "tokens": step_tokens, "tokens_seen": self.tokens_seen,
+            "tokens_per_s": step_tokens / elapsed, "step_time_s": elapsed, "skipped": not finite,
+            "nonfinite_total": self.nonfinite_total, "micro_batch": self.micro_batch,
+            "grad_accum": self.grad_accum, "peak_rss_mb": round(peak_rss_mb(), 1),
+        }
+        if not math.isfinite(record["loss"]):
+            record["loss"] = None
+        if self.device.type == "cuda":
+            record["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
+        return record
+
+    # -- evaluation, checkpoints, bundle ------------------------------------------------------------------
+    def eval_batches(self):
+        """--eval-batches batches of the eval file (all of it is held out) or of the training data's tail."""
+        size, limit = self.config.batch_size, self.config.eval_batches
+        if self.eval_dataset is self.dataset:
+            yield from self.dataset.holdout_batches(size, limit)
+            return
+        yield from self.eval_dataset.sequential_batches(size, limit)
+
+    def evaluate(self) -> dict:
+        batches = self.eval_batches()
+        result = evaluate_lm(self.model, batches, self.device, self.amp_dtype)
+        self.last_eval = {"step": self.step, **result}
+        return result
+
+    def save_checkpoint(self, metrics: dict) -> Path | None:
+        staged = self.session.staging_dir(self.step)
+        optimizer_state = None
+        if self.is_main:
+            optimizer_state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                               "scaler": self.scaler.state_dict() if self.scaler else None}
+        state = None
+        if self.is_main:
+            state = {"step": self.step, "tokens_seen": self.tokens_seen, "samples_drawn": self.samples_drawn,
+                     "world_size": self.world, "micro_batch": self.micro_batch, "grad_accum": self.grad_accum,
+                     "global_batch": self.global_batch, "nonfinite_in_a_row": self.nonfinite_in_a_row,
+                     "nonfinite_total": self.nonfinite_total, "config_hash": self.config.config_hash(),
+                     "model_config": self.model.config.to_dict(), "dataset_fingerprint": self.dataset.fingerprint,
+                     "epoch": int(self.sampler.epochs.min())}
+        ckpt.write_checkpoint_files(staged, rank=self.rank, model=self.model if self.is_main else None,
+                                    optimizer_state=optimizer_state, carries=self.carries,
+                                    sampler_state=self.sampler.state_dict(), state=state)
+        if self.is_main:
+            ckpt.seal_checkpoint(staged)
+        return self.session.report({"step": self.step, **metrics}, staged)
+
+    def write_bundle(self, last_metrics: dict | None) -> None:
+        if not self.is_main:
+            return
+        self.bundle.write_model(self.model)
+        self.bundle.write_tracker(self.sampler.progress())
+        self.bundle.update_metadata(
+            steps=self.step, tokens_seen=self.tokens_seen, samples_drawn=self.samples_drawn,
+            tokenizer={"name": self.config.model, "fingerprint": tokenizer_fingerprint(self.tokenizer)},
+            datasets={"train": {"source": self.config.dataset_file, "fingerprint": self.dataset.fingerprint},
+                      "eval": {"source": self.config.eval_file or "held-out tail of the training data",
+                               "fingerprint": self.eval_dataset.fingerprint}},
+            parameters=self.model.num_parameters(), last_metrics=last_metrics, last_eval=self.last_eval,
+            unigram_entropy=self.unigram_entropy,
+        )
+
+    # -- the run ------------------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        cfg = self.config
+        metrics_log = MetricsLog(Path(cfg.log_file) if cfg.log_file else self.bundle.metrics_path) \
+            if self.is_main else None
+        if self.is_main:
+            self.bundle.write_tokenizer(self.tokenizer)
+            self.bundle.write_training_args(cfg)
+            metrics_log.write({"event": "start", "step": self.step, "resumed_from": str(self.restored_from or ""),
+                               "parameters": self.model.num_parameters(), "device": str(self.device),
+                               "unigram_entropy": self.unigram_entropy,
+                               "global_batch": self.global_batch, "train_sequences": self.dataset.num_train,
+                               "eval_sequences": (self.dataset.num_holdout if self.eval_dataset is self.dataset
+                                                  else self.eval_dataset.num_sequences)})
+        reason, last, last_ckpt_step, last_eval_step = "steps", None, None, None
+        progress = _Progress(cfg.progress and self.is_main, total=cfg.steps, start=self.step)
+        try:
+            with progress:
+                while self.step < cfg.steps:
+                    if self.session.stop_requested():
+                        reason = "stop"
+                        break
+                    record = self.train_step()
+                    if record is None:
+                        reason = "end_of_data"
+                        break
+                    self.step += 1
+                    last = record
+                    if metrics_log:
+                        metrics_log.write(record)
+                    progress.update(record)
+                    self.callbacks.after_step(self, record)
+                    if cfg.eval_every and self.step % cfg.eval_every == 0:
+                        result = self.evaluate()
+                        last_eval_step = self.step
+                        if metrics_log:
+                            metrics_log.write({"event": "eval", "step": self.step, **result})
+                    if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                        path = self.save_checkpoint(record)
+                        self.write_bundle(record)
+                        last_ckpt_step = self.step
+                        if metrics_log:
+                            metrics_log.write({"event": "checkpoint", "step": self.step, "path": str(path)})
+            if reason == "stop" and metrics_log:
+                stop_reason = getattr(self.session, "stop_reason", lambda: "stop requested")()
+                metrics_log.write({"event": "stop", "step": self.step, "reason": stop_reason})
+            if last_eval_step != self.step:
+                result = self.evaluate()
+                if metrics_log:
+                    metrics_log.write({"event": "eval", "step": self.step, **result})
+            if last_ckpt_step != self.step:
+                path = self.save_checkpoint(last or {"step": self.step})
+                if metrics_log:
+                    metrics_log.write({"event": "checkpoint", "step": self.step, "path": str(path)})
+            self.write_bundle(last)
+            if metrics_log:
+                metrics_log.write({"event": "end", "step": self.step, "reason": reason,
+                                   "eval": self.last_eval, "tokens_seen": self.tokens_seen})
+        finally:
+            if metrics_log:
+                metrics_log.close()
+        return TrainResult(step=self.step, reason=reason, final_eval=self.last_eval, bundle=self.bundle.root,
+                           unigram_entropy=self.unigram_entropy)
+
+
+class _Progress:
+    """A rich progress bar with the latest loss and throughput, or nothing."""
+
+    def __init__(self, enabled: bool, total: int, start: int):
+        self.enabled = enabled
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False)
+            self.task = self.bar.add_task("train", total=total, completed=start, info="")
+
+    def __enter__(self):
+        if self.enabled:
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.bar.__exit__(*exc)
+
+    def update(self, record: dict) -> None:
+        if self.enabled:
+            loss = record["loss"]
+            info = f"loss {loss:.3f}" if loss is not None else "loss nan"
+            self.bar.update(self.task, completed=record["step"],
+                            info=f"{info}  {record['tokens_per_s']:.0f} tok/s  lr {record['lr']:.2e}")
+
+
+def train_worker(config: TrainingConfig, session: Session, callbacks: TrainCallbacks | None = None) -> TrainResult:
+    """The per-worker entry point (the Ray runner calls this on every worker)."""
+    return Trainer(config, session, callbacks).run()

@@ -1,0 +1,112 @@
+"""The session interface: what the worker loop may ask of whatever runs it (DESIGN.md).
+
+The loop never imports ray. `LocalSession` runs it in this process (tests, debugging, the CPU demo);
+the Ray runner implements the same methods on top of `ray.train`.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import signal
+import tempfile
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from aios.train.checkpoint import find_latest_checkpoint, publish_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+class Session(Protocol):
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    def restore(self) -> Path | None:
+        """The newest complete checkpoint directory to resume from, or None."""
+
+    def staging_dir(self, step: int) -> Path:
+        """An empty local directory to write a checkpoint of `step` into before `report`."""
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> Path | None:
+        """Record metrics and persist a sealed checkpoint. A barrier: every rank calls it equally often."""
+
+    def stop_requested(self) -> bool:
+        """True once a graceful stop was asked for (stop file, SIGTERM, SIGINT)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            from aios.errors import AiosError
+
+            raise AiosError("--device cuda: no CUDA device is visible; use --device cpu or --device auto")
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
+
+
+class LocalSession:
+    """One process, rank 0 of 1. Checkpoints go to `<bundle>/checkpoints/step-N`."""
+
+    rank = 0
+    world_size = 1
+    local_rank = 0
+
+    def __init__(self, checkpoints_dir: Path, *, device: torch.device, keep_checkpoints: int,
+                 resume: bool, stop_file: str | None = None):
+        self.device = device
+        self.checkpoints_dir = Path(checkpoints_dir)
+        self.keep = keep_checkpoints
+        self.resume = resume
+        self.stop_file = Path(stop_file) if stop_file else None
+        self.signal_received: str | None = None
+        self._staging_root: Path | None = None
+        self._previous_handlers: dict[int, object] = {}
+
+    def __enter__(self) -> LocalSession:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread: signals stay with whoever owns them
+                pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
+        if self._staging_root is not None:
+            shutil.rmtree(self._staging_root, ignore_errors=True)
+
+    def _on_signal(self, signum, _frame) -> None:
+        self.signal_received = signal.Signals(signum).name
+        log.warning("%s received: finishing the current step, then checkpointing and stopping",
+                    self.signal_received)
+
+    def restore(self) -> Path | None:
+        return find_latest_checkpoint(self.checkpoints_dir) if self.resume else None
+
+    def staging_dir(self, step: int) -> Path:
+        if self._staging_root is None:  # beside the checkpoints, so publishing is a rename
+            self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+            self._staging_root = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.checkpoints_dir))
+        path = self._staging_root / f"step-{step:06d}"
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+        return path
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> Path | None:
+        if checkpoint_dir is None:
+            return None
+        return publish_checkpoint(Path(checkpoint_dir), self.checkpoints_dir, int(metrics["step"]), self.keep)
+
+    def stop_requested(self) -> bool:
+        return self.signal_received is not None or bool(self.stop_file and self.stop_file.exists())
+
+    def stop_reason(self) -> str:
+        if self.signal_received:
+            return self.signal_received
+        return f"stop file {self.stop_file}"

@@ -1,0 +1,119 @@
+"""The real `aios` console script end to end: train, signal stop, generate, eval, brains, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+AIOS = [sys.executable, "-m", "aios.cli.main"]
+TINY = ["--config", "config/train/demo-cpu.yaml", "--hidden-size", "32", "--num-heads", "2", "--max-seq-len", "16",
+        "--batch-size", "4", "--eval-batches", "1", "--checkpoint-every", "0", "--eval-every", "0", "--no-progress"]
+
+
+def aios(*args, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run([*AIOS, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, "COLUMNS": "200"})
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("e2e")
+    dirs = {"bundle_dir": out / "brains", "cache": out / "cache"}
+    result = aios("hrm-hf", "train-actv1", *TINY, "--steps", 3, "--bundle-dir", dirs["bundle_dir"],
+                  "--data-cache-dir", dirs["cache"], "--brain-name", "e2e")
+    return {**dirs, "stdout": result.stdout}
+
+
+def test_train_prints_a_summary_and_writes_the_bundle(trained):
+    assert "steps: 3 steps" in trained["stdout"] and "eval loss" in trained["stdout"]
+    root = trained["bundle_dir"] / "e2e"
+    assert (root / "model.safetensors").is_file() and (root / "checkpoints" / "step-000003" / "COMPLETE").is_file()
+
+
+def test_generate_continues_the_prompt(trained):
+    result = aios("hrm-hf", "generate", "--brain", "e2e", "--bundle-dir", trained["bundle_dir"], "--prompt",
+                  "ROMEO:", "--max-new-tokens", 8, "--seed", 1)
+    assert result.stdout.startswith("ROMEO:")
+    assert "ACT segments per token" in result.stderr
+
+
+def test_eval_prints_json_metrics(trained):
+    result = aios("hrm-hf", "eval", "--brain", trained["bundle_dir"] / "e2e", "--eval-file",
+                  "training_data/eval_test_dataset.txt", "--eval-batches", 2, "--batch-size", 4,
+                  "--data-cache-dir", trained["cache"])
+    metrics = json.loads(result.stdout)
+    assert metrics["sequences"] == 8 and metrics["tokens"] == 8 * 16
+    assert 0 < metrics["loss"] < 20 and metrics["perplexity"] > 1
+
+
+def test_brains_list_and_show(trained):
+    listing = aios("brains", "list", "--bundle-dir", trained["bundle_dir"]).stdout
+    assert "e2e" in listing and "ok" in listing
+    shown = json.loads(aios("brains", "show", "e2e", "--bundle-dir", trained["bundle_dir"]).stdout)
+    assert shown["metadata"]["steps"] == 3
+    assert shown["checkpoints"] == [{"name": "step-000003", "status": "complete"}]
+    assert shown["config"]["model_type"] == "hrm_act_v1"
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_exits_zero(tmp_path):
+    bundle_dir = tmp_path / "brains"
+    process = subprocess.Popen(
+        [*AIOS, "hrm-hf", "train-actv1", *TINY, "--steps", "100000", "--bundle-dir", str(bundle_dir),
+         "--data-cache-dir", str(tmp_path / "cache"), "--brain-name", "sig"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = bundle_dir / "sig" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and '"event": "step"' in metrics.read_text()):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert stdout.startswith("stop: ")
+    events = [json.loads(line) for line in metrics.read_text().splitlines()]
+    stop = next(e for e in events if e["event"] == "stop")
+    assert stop["reason"] == "SIGTERM"
+    assert (bundle_dir / "sig" / "checkpoints" / f"step-{stop['step']:06d}" / "COMPLETE").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset-file", "no/such.txt"], "--dataset-file: file 'no/such.txt' does not exist"),
+    (["--hidden-size", "33"], "--hidden-size: 33 is not divisible by --num-heads 2"),
+    (["--brain-name", "../escape"], "--brain-name '../escape' is not a single directory name"),
+    (["--ddp"], "--ddp is not available yet"),
+])
+def test_bad_input_is_one_red_line_and_exit_2(tmp_path, args, message):
+    result = aios("hrm-hf", "train-actv1", *TINY, "--bundle-dir", tmp_path, *args, check=False)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_binary_dataset_is_refused_without_touching_the_bundle(tmp_path, trained):
+    binary = tmp_path / "data.txt"
+    binary.write_bytes(b"\x00\x01\x02" * 1000)
+    root = trained["bundle_dir"] / "e2e"
+    before = (root / "model.safetensors").read_bytes()
+    result = aios("hrm-hf", "train-actv1", *TINY, "--bundle-dir", trained["bundle_dir"], "--brain-name", "e2e",
+                  "--resume", "--steps", 5, "--dataset-file", binary, "--data-cache-dir", trained["cache"],
+                  check=False)
+    assert result.returncode == 2 and "binary" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (root / "model.safetensors").read_bytes() == before
+
+
+def test_generate_on_something_that_is_not_a_bundle(tmp_path):
+    (tmp_path / "junk").mkdir()
+    result = aios("hrm-hf", "generate", "--brain", "junk", "--bundle-dir", tmp_path, check=False)
+    assert result.returncode == 2 and "is not a brain bundle" in result.stderr

@@ -1,0 +1,251 @@
+"""The worker loop in one process: bundle, metrics, determinism, resume, stop, OOM back-off, accumulation."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from aios.bundle import BrainBundle
+from aios.config import TrainingConfig
+from aios.errors import AiosError
+from aios.train import launch
+from aios.train.checkpoint import list_checkpoints, verify_checkpoint
+from aios.train.loop import TrainCallbacks
+
+STEP_KEYS = {"event", "step", "epoch", "lr", "loss", "lm_loss", "q_halt_loss", "q_continue_loss", "aux_loss",
+             "grad_norm", "token_accuracy", "halted", "segments", "samples_drawn", "tokens", "tokens_seen",
+             "tokens_per_s", "step_time_s", "skipped", "nonfinite_total", "micro_batch", "grad_accum",
+             "peak_rss_mb", "time"}
+
+
+def records(path: Path, event: str | None = None) -> list[dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [r for r in rows if event is None or r["event"] == event]
+
+
+def weights(root: Path) -> dict[str, torch.Tensor]:
+    return load_file(root / "model.safetensors")
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+
+
+def test_a_run_writes_a_complete_bundle_and_metrics(make_config):
+    config = make_config(eval_every=3)
+    result = launch(config)
+    root = result.bundle
+    assert (result.reason, result.step) == ("steps", 6)
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "metadata.json", "training_args.json",
+                 "chunk_tracker_state.json", "metrics.jsonl"):
+        assert (root / name).is_file(), name
+    assert [p.name for p in list_checkpoints(root / "checkpoints")] == ["step-000006"]
+    assert verify_checkpoint(root / "checkpoints" / "step-000006") is None
+
+    steps = records(root / "metrics.jsonl", "step")
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    assert all(STEP_KEYS <= set(r) for r in steps)
+    assert steps[0]["samples_drawn"] == 4  # every row starts halted and draws
+    assert [r["event"] for r in records(root / "metrics.jsonl")][0] == "start"
+    assert [r["step"] for r in records(root / "metrics.jsonl", "eval")] == [3, 6]
+    end = records(root / "metrics.jsonl", "end")[0]
+    assert end["reason"] == "steps" and end["tokens_seen"] == 6 * 4 * 16
+    assert sum(r["samples_drawn"] for r in steps) == BrainBundle(root).tracker()["sequences_consumed"]
+    # The held-out tail is the eval set when no --eval-file is given.
+    assert result.final_eval["sequences"] == 2 * 4 and math.isfinite(result.final_eval["loss"])
+
+    meta = BrainBundle(root).metadata()
+    assert meta["steps"] == 6 and meta["tokens_seen"] == 6 * 4 * 16 and meta["name"] == "tiny"
+    assert meta["datasets"]["train"]["fingerprint"] and meta["versions"]["torch"] == torch.__version__
+    saved = TrainingConfig.from_json((root / "training_args.json").read_text(), check_paths=False)
+    assert saved == config
+    # The bundle's weights are the final checkpoint's, and the bundle loads with nothing else.
+    ckpt_weights = load_file(root / "checkpoints" / "step-000006" / "model.safetensors")
+    model = BrainBundle(root).load_model()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, ckpt_weights[name]), name
+
+
+def test_training_lowers_the_eval_loss(make_config):
+    result = launch(make_config(steps=60, eval_every=60, lr=1e-2, warmup_steps=4, halt_max_steps=2))
+    start = records(result.bundle / "metrics.jsonl", "start")[0]
+    steps = records(result.bundle / "metrics.jsonl", "step")
+    assert math.log(2048) > start["unigram_entropy"] > 3.0
+    first, last = steps[0]["lm_loss"], sum(r["lm_loss"] for r in steps[-5:]) / 5
+    assert last < first - 1.2  # from ~ln(vocab) = 7.6 towards the unigram entropy
+    assert result.final_eval["loss"] < first - 1.5
+
+
+def test_same_seed_gives_bitwise_identical_weights(make_config):
+    a = launch(make_config(brain_name="a"))
+    b = launch(make_config(brain_name="b"))
+    assert_same_weights(a.bundle, b.bundle)
+    c = launch(make_config(brain_name="c", seed=8))
+    assert not torch.equal(weights(a.bundle)["inner.lm_head.weight"], weights(c.bundle)["inner.lm_head.weight"])
+
+
+class EagerHalting(TrainCallbacks):
+    """Bias the fresh Q-head towards halting, so that exploration (the RNG) decides when rows halt."""
+
+    def before_micro_step(self, trainer, micro_step):
+        if trainer.step == 0 and micro_step == 0:
+            with torch.no_grad():
+                trainer.model.inner.q_head.bias.copy_(torch.tensor([5.0, -5.0]))
+
+
+class StopAtStep(EagerHalting):
+    def __init__(self, stop_file: Path, step: int):
+        self.stop_file, self.step = stop_file, step
+
+    def after_step(self, trainer, record):
+        if record["step"] == self.step:
+            self.stop_file.touch()
+
+
+def test_stop_file_then_resume_ends_bitwise_equal_to_a_straight_run(make_config, tmp_path):
+    config = make_config(brain_name="straight", steps=8, checkpoint_every=3, halt_exploration_prob=0.5)
+    straight = launch(config, callbacks=EagerHalting())
+    straight_steps = records(straight.bundle / "metrics.jsonl", "step")
+    assert len({r["segments"] for r in straight_steps if r["halted"]}) > 1  # exploration (the RNG) matters
+    # Stop where some rows are mid-sample, so the resumed run must restore their ACT carry.
+    at = next(r["step"] for r in straight_steps if 4 <= r["step"] <= 7 and r["halted"] < 4)
+    stop_file = tmp_path / "STOP"
+    config = config.replace(brain_name="resumed", stop_file=str(stop_file))
+    first = launch(config, callbacks=StopAtStep(stop_file, at))
+    assert (first.reason, first.step) == ("stop", at)
+    assert not stop_file.exists()  # consumed, so the resumed run does not stop at once
+    assert [p.name for p in list_checkpoints(first.bundle / "checkpoints")][-1] == f"step-{at:06d}"
+    stop = records(first.bundle / "metrics.jsonl", "stop")[0]
+    assert stop["step"] == at and "stop file" in stop["reason"]
+    assert BrainBundle(first.bundle).metadata()["steps"] == at
+
+    second = launch(config.replace(resume=True))
+    assert (second.reason, second.step) == ("steps", 8)
+    assert_same_weights(straight.bundle, second.bundle)
+    # The resumed steps saw the same losses as the straight run.
+    straight_losses = {r["step"]: r["loss"] for r in records(straight.bundle / "metrics.jsonl", "step")}
+    resumed = [r for r in records(second.bundle / "metrics.jsonl", "step") if r["step"] > at]
+    assert [r["loss"] for r in resumed] == [straight_losses[r["step"]] for r in resumed]
+    assert records(second.bundle / "metrics.jsonl", "start")[-1]["resumed_from"].endswith(f"step-{at:06d}")
+
+
+def test_a_new_run_refuses_a_brain_with_checkpoints(make_config):
+    launch(make_config(steps=2))
+    with pytest.raises(AiosError, match="already has checkpoints.*--resume"):
+        launch(make_config(steps=2))
+
+
+def test_resume_refuses_a_different_model(make_config):
+    launch(make_config(steps=2))
+    with pytest.raises(AiosError, match="different model.*hidden_size"):
+        launch(make_config(steps=4, hidden_size=64, resume=True))
+
+
+def test_a_corrupt_or_partial_checkpoint_is_skipped_and_kept(make_config, caplog):
+    config = make_config(steps=4, checkpoint_every=2)
+    first = launch(config)
+    checkpoints = first.bundle / "checkpoints"
+    newest = checkpoints / "step-000004" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])  # truncated, as by a crash during a copy
+    (checkpoints / "step-000006").mkdir()  # a partial write: no COMPLETE marker
+    with caplog.at_level(logging.WARNING):
+        second = launch(config.replace(steps=6, resume=True))
+    assert "skipping checkpoint" in caplog.text and "does not match its recorded sha256" in caplog.text
+    assert records(second.bundle / "metrics.jsonl", "start")[-1]["resumed_from"].endswith("step-000002")
+    assert second.step == 6
+    kept_aside = sorted(p.name for p in checkpoints.iterdir() if ".invalid-" in p.name)
+    assert len(kept_aside) == 2  # both invalid directories were moved aside, not deleted
+    assert verify_checkpoint(checkpoints / "step-000006") is None
+
+
+class InjectOOM(TrainCallbacks):
+    """Raise a CUDA out-of-memory error (on CPU) while the micro-batch is above `limit` from step `start`."""
+
+    def __init__(self, limit: int, start: int = 2):
+        self.limit, self.start, self.raised = limit, start, 0
+
+    def before_micro_step(self, trainer, micro_step):
+        if trainer.step >= self.start and trainer.micro_batch > self.limit:
+            self.raised += 1
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+
+
+def test_oom_halves_the_micro_batch_and_keeps_batch_and_order(make_config):
+    clean = launch(make_config(brain_name="clean", halt_exploration_prob=0.0))
+    inject = InjectOOM(limit=2)
+    backoff = launch(make_config(brain_name="oom", halt_exploration_prob=0.0), callbacks=inject)
+    assert inject.raised == 1
+    steps = records(backoff.bundle / "metrics.jsonl", "step")
+    assert [(r["micro_batch"], r["grad_accum"]) for r in steps] == [(4, 1)] * 2 + [(2, 2)] * 4
+    clean_steps = records(clean.bundle / "metrics.jsonl", "step")
+    assert [r["samples_drawn"] for r in steps] == [r["samples_drawn"] for r in clean_steps]
+    for a, b in zip(steps, clean_steps, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    assert BrainBundle(backoff.bundle).tracker()["cursor"] == BrainBundle(clean.bundle).tracker()["cursor"]
+    wa, wb = weights(clean.bundle), weights(backoff.bundle)
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-5)
+
+
+def test_oom_at_micro_batch_one_gives_up_with_a_clear_message(make_config):
+    with pytest.raises(AiosError, match="out of memory at micro-batch 1"):
+        launch(make_config(), callbacks=InjectOOM(limit=0, start=0))
+
+
+def test_accumulation_1x8_equals_2x4(make_config):
+    one = launch(make_config(brain_name="1x8", batch_size=8, gradient_accumulation_steps=1,
+                             halt_exploration_prob=0.0))
+    two = launch(make_config(brain_name="2x4", batch_size=4, gradient_accumulation_steps=2,
+                             halt_exploration_prob=0.0))
+    la = [r["loss"] for r in records(one.bundle / "metrics.jsonl", "step")]
+    lb = [r["loss"] for r in records(two.bundle / "metrics.jsonl", "step")]
+    assert la == pytest.approx(lb, rel=1e-4)
+    wa, wb = weights(one.bundle), weights(two.bundle)
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-5)
+
+
+class PoisonLogits(TrainCallbacks):
+    """Make the logits NaN at the given steps (every micro-step of them)."""
+
+    def __init__(self, steps):
+        self.steps = set(steps)
+        self.handle = None
+
+    def before_micro_step(self, trainer, micro_step):
+        if self.handle is None:
+            self.handle = trainer.model.inner.lm_head.register_forward_hook(
+                lambda module, args, out: out * float("nan") if self.poison else out)
+        self.poison = trainer.step + 1 in self.steps
+
+
+def test_a_non_finite_step_is_skipped_and_counted(make_config):
+    result = launch(make_config(), callbacks=PoisonLogits({3}))
+    steps = records(result.bundle / "metrics.jsonl", "step")
+    assert [r["skipped"] for r in steps] == [False, False, True, False, False, False]
+    assert steps[2]["loss"] is None and steps[-1]["nonfinite_total"] == 1
+    assert all(torch.isfinite(t).all() for t in weights(result.bundle).values())
+
+
+def test_non_finite_steps_in_a_row_stop_the_run(make_config):
+    with pytest.raises(AiosError, match="non-finite for 10 steps in a row"):
+        launch(make_config(steps=20), callbacks=PoisonLogits(range(1, 21)))
+
+
+def test_multi_worker_flags_are_refused_until_the_ray_job(make_config):
+    with pytest.raises(AiosError, match="--ddp"):
+        launch(make_config(ddp=True))
+
+
+def test_missing_dataset_is_refused(make_config):
+    with pytest.raises(AiosError, match="--dataset-file is required"):
+        launch(make_config(dataset_file=None))
