@@ -101,11 +101,11 @@ def test_every_config_field_is_one_generated_option_in_its_group():
 # ---- precedence: defaults < preset < typed flags ------------------------------------------------------
 
 def test_preset_then_cli_override_then_json_round_trip(corpus):
-    # The demo preset sets hidden_size 128 (and its own data paths); the CLI overrides a few values.
-    config = printed_config("--config", str(DEMO_PRESET), "--hidden-size", "256",
+    # The demo preset sets hidden_size 256 (and its own data paths); the CLI overrides a few values.
+    config = printed_config("--config", str(DEMO_PRESET), "--hidden-size", "128",
                             "--dataset-file", str(corpus), "--eval-file", str(corpus))
-    assert config.hidden_size == 256
-    assert (config.num_heads, config.steps, config.lr, config.brain_name) == (4, 300, 1e-3, "shakespeare-demo")
+    assert config.hidden_size == 128
+    assert (config.num_heads, config.steps, config.lr, config.brain_name) == (4, 1000, 2e-3, "shakespeare-demo")
     assert (config.amp, config.gradient_checkpointing, config.max_seq_len) == (False, False, 64)
     assert config.dataset_file == str(corpus)
     assert config.batch_size == 16 and config.optimizer == "adamw"  # preset value kept / default kept

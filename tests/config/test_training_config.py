@@ -279,12 +279,13 @@ def test_demo_cpu_preset():
     assert config.model == "training_data/tokenizers/shakespeare-bpe-2k"
     assert config.dataset_file == "training_data/curated_datasets/test_sample.txt"
     assert config.eval_file == "training_data/eval_test_dataset.txt"
-    assert (config.hidden_size, config.num_heads, config.expansion) == (128, 4, 2.0)
+    assert (config.hidden_size, config.num_heads, config.expansion) == (256, 4, 2.0)
     assert (config.h_layers, config.l_layers, config.h_cycles, config.l_cycles) == (1, 1, 2, 2)
-    assert (config.max_seq_len, config.batch_size, config.halt_max_steps, config.steps) == (64, 16, 4, 300)
-    assert (config.lr, config.warmup_steps, config.amp, config.gradient_checkpointing) == (1e-3, 20, False, False)
+    assert (config.max_seq_len, config.batch_size, config.halt_max_steps, config.steps) == (64, 16, 4, 1000)
+    assert (config.lr, config.warmup_steps, config.amp, config.gradient_checkpointing) == (2e-3, 50, False, False)
     assert (config.eval_every, config.checkpoint_every, config.dataset_chunk_size, config.eval_batches) == (
-        100, 100, 1024, 8)
+        250, 250, 1024, 8)
+    assert (config.text_mode, config.iterate) == ("document", True)
     assert config.brain_name == "shakespeare-demo"
     assert config.unavailable_features() == []
 
