@@ -1,0 +1,60 @@
+"""AdamATan2 against the reference update rule, the warmup + cosine schedule, optimizer selection."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+
+from aios.train.optim import AdamATan2, build_optimizer, build_scheduler, lr_lambda
+
+
+def test_adam_atan2_follows_the_reference_update():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(5))
+    opt = AdamATan2([p], lr=0.01, betas=(0.9, 0.95), weight_decay=0.1)
+    expected = p.detach().clone()
+    m, v = torch.zeros(5), torch.zeros(5)
+    for t in range(1, 4):
+        grad = torch.randn(5)
+        p.grad = grad.clone()
+        opt.step()
+        expected *= 1 - 0.01 * 0.1
+        m = 0.9 * m + 0.1 * grad
+        v = 0.95 * v + 0.05 * grad * grad
+        expected -= 0.01 / (1 - 0.9**t) * torch.atan2(m, v.sqrt() / math.sqrt(1 - 0.95**t))
+        torch.testing.assert_close(p.detach(), expected)
+
+
+def test_adam_atan2_state_round_trips_through_a_state_dict():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = AdamATan2([p], lr=0.1)
+    p.grad = torch.ones(3)
+    opt.step()
+    again = AdamATan2([torch.nn.Parameter(torch.ones(3))], lr=0.1)
+    again.load_state_dict(opt.state_dict())
+    assert again.state_dict()["state"][0]["step"].item() == 1
+
+
+def test_schedule_warms_up_linearly_then_follows_a_cosine_to_the_floor():
+    values = [lr_lambda(s, warmup_steps=4, total_steps=14, min_ratio=0.1) for s in range(16)]
+    assert values[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert values[4] == pytest.approx(1.0)
+    assert values[9] == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the cosine
+    assert values[14] == pytest.approx(0.1) and values[15] == pytest.approx(0.1)  # floor, not below
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched = build_scheduler(opt, warmup_steps=4, total_steps=14, min_ratio=0.1)
+    assert sched.get_last_lr() == [0.5]
+
+
+def test_optimizer_choice_and_loud_8bit_fallback(caplog):
+    model = torch.nn.Linear(4, 4)
+    cpu = torch.device("cpu")
+    assert isinstance(build_optimizer(model, name="adam-atan2", lr=1e-3, weight_decay=0.1, use_8bit=False,
+                                      device=cpu), AdamATan2)
+    with caplog.at_level(logging.WARNING):
+        opt = build_optimizer(model, name="adamw", lr=1e-3, weight_decay=0.1, use_8bit=True, device=cpu)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert "--use-8bit-optimizer needs CUDA" in caplog.text
