@@ -96,6 +96,16 @@ def train_actv1(ctx: typer.Context, config: str | None, print_config: bool, **fl
     return None
 
 
+def _load_brain(brain: str, bundle_dir: str, device: str):
+    """(bundle, model, tokenizer, device) of a bundle, by name or path."""
+    from aios.bundle import BrainBundle
+    from aios.train.session import resolve_device
+
+    bundle = BrainBundle.open(brain, bundle_dir)
+    dev = resolve_device(device)
+    return bundle, bundle.load_model(dev), bundle.load_tokenizer(), dev
+
+
 @app.command("generate")
 def generate_command(
     brain: Annotated[str, typer.Option("--brain", help="Bundle name under --bundle-dir, or a bundle directory.")],
@@ -112,13 +122,9 @@ def generate_command(
     """Continue a prompt with a trained brain (ACT inference: segments until the Q-head halts, at most M)."""
     import torch
 
-    from aios.bundle import BrainBundle
     from aios.inference import generate
-    from aios.train.session import resolve_device
 
-    bundle = BrainBundle.open(brain, bundle_dir)
-    dev = resolve_device(device)
-    model, tokenizer = bundle.load_model(dev), bundle.load_tokenizer()
+    bundle, model, tokenizer, dev = _load_brain(brain, bundle_dir, device)
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=False) or [tokenizer.eos_token_id]
     generator = torch.Generator(device=dev).manual_seed(seed)
     new_ids, segments = generate(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -146,14 +152,10 @@ def eval_command(
     """Loss, perplexity, token accuracy and ACT segments of a brain on a text file (prints JSON)."""
     import json
 
-    from aios.bundle import BrainBundle
     from aios.data import prepare_dataset
     from aios.inference import evaluate_lm
-    from aios.train.session import resolve_device
 
-    bundle = BrainBundle.open(brain, bundle_dir)
-    dev = resolve_device(device)
-    model, tokenizer = bundle.load_model(dev), bundle.load_tokenizer()
+    bundle, model, tokenizer, dev = _load_brain(brain, bundle_dir, device)
     try:
         data = prepare_dataset(eval_file, tokenizer, str(bundle.root), max_seq_len=model.config.seq_len,
                                chunk_size=4096, cache_dir=data_cache_dir, text_field=text_field,

@@ -8,7 +8,6 @@ from then on.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.resources
 import json
 import shutil
@@ -16,6 +15,7 @@ from pathlib import Path
 
 from aios.atomic import install_dir, make_staging_dir
 from aios.errors import AiosError
+from aios.hashing import sha256_file
 
 ENDOFTEXT = "<|endoftext|>"
 GPT2_NAMES = ("gpt2", "openai-community/gpt2")
@@ -40,14 +40,6 @@ _TOKENIZER_CONFIG = {
     # No model_max_length: GPT-2's 1024 is a limit of the GPT-2 model, not of the HRM models that use
     # this tokenizer, and transformers would warn on every longer document the data pipeline encodes.
 }
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def bundled_gpt2_files() -> tuple[Path, Path]:

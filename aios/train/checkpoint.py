@@ -18,7 +18,6 @@ mistaken for a checkpoint. Invalid ones are skipped with a warning and never del
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from aios.hashing import sha256_file
 from aios.models.hrm_act_v1 import ACTCarry
 
 log = logging.getLogger(__name__)
@@ -41,14 +41,6 @@ STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:06d}"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # -- RNG state --------------------------------------------------------------------------------------
@@ -103,7 +95,7 @@ def write_checkpoint_files(directory: Path, *, rank: int, model: torch.nn.Module
 
 def seal_checkpoint(directory: Path) -> None:
     """Write COMPLETE (hashes of every file) last: from then on the directory is a checkpoint."""
-    files = {p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size}
+    files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
              for p in sorted(directory.iterdir()) if p.is_file() and p.name != COMPLETE}
     tmp = directory / f".{COMPLETE}.tmp"
     tmp.write_text(json.dumps({"files": files}, indent=1) + "\n")
@@ -157,7 +149,7 @@ def verify_checkpoint(directory: Path) -> str | None:
         path = directory / name
         if not path.is_file():
             return f"{name} is missing"
-        if path.stat().st_size != expected["bytes"] or file_sha256(path) != expected["sha256"]:
+        if path.stat().st_size != expected["bytes"] or sha256_file(path) != expected["sha256"]:
             return f"{name} does not match its recorded sha256"
     return None
 

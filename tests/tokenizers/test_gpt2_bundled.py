@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from aios.errors import AiosError
+from aios.hashing import sha256_file
 from aios.tokenizers import load_tokenizer, tokenizer_fingerprint, verify_gpt2_files
 from aios.tokenizers.gpt2 import (
     GPT2_ENCODER_JSON_SHA256,
@@ -19,7 +20,6 @@ from aios.tokenizers.gpt2 import (
     bundled_gpt2_files,
     ensure_gpt2_dir,
     gpt2_cache_is_valid,
-    sha256_file,
 )
 
 TRICKY_TEXT = "Hello , world !  It's a test.\n\n\ttabs, ünïcödé, 🙂 and <html> don't break"
