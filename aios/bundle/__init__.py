@@ -122,17 +122,27 @@ class BrainBundle:
         return meta
 
     # -- read -------------------------------------------------------------------------------------------
+    def _read_json(self, name: str) -> dict:
+        path = self.root / name
+        if not path.is_file():
+            return {}
+        try:
+            data = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise AiosError(f"{path} is not valid JSON ({exc}): restore it from a backup or delete it "
+                            f"(it is rewritten at the next checkpoint)") from None
+        if not isinstance(data, dict):
+            raise AiosError(f"{path} does not hold a JSON object: restore it or delete it")
+        return data
+
     def metadata(self) -> dict:
-        path = self.root / METADATA
-        return json.loads(path.read_text()) if path.is_file() else {}
+        return self._read_json(METADATA)
 
     def training_args(self) -> dict:
-        path = self.root / TRAINING_ARGS
-        return json.loads(path.read_text()) if path.is_file() else {}
+        return self._read_json(TRAINING_ARGS)
 
     def tracker(self) -> dict:
-        path = self.root / TRACKER
-        return json.loads(path.read_text()) if path.is_file() else {}
+        return self._read_json(TRACKER)
 
     def load_model(self, device: torch.device | str = "cpu") -> HRMACTv1:
         try:

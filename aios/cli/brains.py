@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from aios.bundle import BrainBundle, list_bundles
+from aios.errors import AiosError
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
 console = Console()
@@ -26,7 +27,11 @@ def list_command(bundle_dir: BundleDir = "artifacts/brains/actv1") -> None:
         return
     table = Table("name", "steps", "parameters", "eval loss", "updated", "status")
     for bundle in bundles:
-        meta = bundle.metadata()
+        try:
+            meta = bundle.metadata()
+        except AiosError as exc:  # one broken bundle must not hide the others
+            table.add_row(bundle.name, "-", "-", "-", "-", str(exc).split(":")[0])
+            continue
         last_eval = meta.get("last_eval") or {}
         loss = f"{last_eval['loss']:.3f}" if "loss" in last_eval else "-"
         table.add_row(bundle.name, str(meta.get("steps", "-")), f"{meta.get('parameters', 0):,}", loss,

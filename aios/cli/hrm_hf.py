@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from pydantic import ValidationError
@@ -117,7 +117,7 @@ def generate_command(
     seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
     bundle_dir: Annotated[str, typer.Option("--bundle-dir", help="Directory that holds brain bundles.")]
     = "artifacts/brains/actv1",
-    device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")] = "auto",
+    device: Annotated[Literal["auto", "cpu", "cuda"], typer.Option("--device", help="Where to run.")] = "auto",
 ) -> None:
     """Continue a prompt with a trained brain (ACT inference: segments until the Q-head halts, at most M)."""
     import torch
@@ -141,13 +141,14 @@ def eval_command(
     eval_batches: Annotated[int, typer.Option("--eval-batches", min=1, help="Batches to evaluate.")] = 10,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per batch.")] = 8,
     text_field: Annotated[str, typer.Option("--text-field", help=".jsonl field / .csv column.")] = "text",
-    text_mode: Annotated[str, typer.Option("--text-mode", help=".txt: 'lines' (a sample per line) or 'document'.")]
+    text_mode: Annotated[Literal["lines", "document"],
+                         typer.Option("--text-mode", help=".txt: a sample per line, or one document.")]
     = "document",
     data_cache_dir: Annotated[str, typer.Option("--data-cache-dir", help="Prepared-data cache.")]
     = "artifacts/prepared_data",
     bundle_dir: Annotated[str, typer.Option("--bundle-dir", help="Directory that holds brain bundles.")]
     = "artifacts/brains/actv1",
-    device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")] = "auto",
+    device: Annotated[Literal["auto", "cpu", "cuda"], typer.Option("--device", help="Where to run.")] = "auto",
 ) -> None:
     """Loss, perplexity, token accuracy and ACT segments of a brain on a text file (prints JSON)."""
     import json

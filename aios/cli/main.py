@@ -67,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return exc.exit_code
+    except KeyboardInterrupt:
+        if _state["debug"]:
+            raise
+        err_console.print("[bold red]interrupted[/]", highlight=False)
+        return 130
     except SystemExit as exc:  # typer/click exit codes pass through
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 1)

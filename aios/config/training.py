@@ -147,8 +147,8 @@ class TrainingConfig(BaseModel):
     grad_clip: float = setting(1.0, "Clip the gradient norm to this; 0 = off.", "Training", ge=0)
     optimizer: Literal["adamw", "adam-atan2"] = setting("adamw", "Optimizer.", "Training")
     gradient_accumulation_steps: int = setting(1, "Micro-batches per optimizer step.", "Training", gt=0)
-    iterate: bool = setting(False, "Keep training past --steps (new epochs) until the stop file appears.",
-                            "Training")
+    iterate: bool = setting(False, "At the end of the data start a new epoch (new shuffle) instead of stopping; "
+                            "training still ends at --steps or the stop file.", "Training")
     stop_file: str | None = setting(None, "Stop cleanly (with a checkpoint) when this file appears.",
                                        "Training")
     resume: bool = setting(False, "Continue from the newest checkpoint of the brain bundle.", "Training")
@@ -264,6 +264,8 @@ class TrainingConfig(BaseModel):
                         f"{flag_name(name)} has no effect without --use-moe; add --use-moe or drop {flag_name(name)}",
                         name,
                     )
+        if not self.amp and self.amp_dtype != type(self).model_fields["amp_dtype"].default:
+            raise _setting_error("--amp-dtype has no effect with --no-amp; add --amp or drop --amp-dtype", "amp_dtype")
         return self
 
     # ---- loading --------------------------------------------------------------------------------------

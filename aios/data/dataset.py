@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from aios.atomic import atomic_write_text
 from aios.errors import AiosError
 
 FORMAT_VERSION = 1
@@ -78,6 +79,27 @@ class PreparedDataset:
             out[rows] = self._chunk(int(chunk))[ids[rows] - self.chunk_offsets[chunk]]
         return out
 
+    def unigram_entropy(self) -> float:
+        """Entropy (nats per token) of the train tokens' unigram distribution: the loss of a model that
+        ignores context, the baseline a trained model's eval loss should fall well below. Computed once
+        and kept in `stats.json` beside the manifest."""
+        stats_path = self.path / "stats.json"
+        try:
+            return float(json.loads(stats_path.read_text())["unigram_entropy"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        counts = np.zeros(self.vocab_size, dtype=np.int64)
+        for start in range(0, self.num_train, 4096):
+            rows = self.get(np.arange(start, min(start + 4096, self.num_train)))  # (n, window)
+            counts += np.bincount(rows[:, 1:].ravel(), minlength=self.vocab_size)[: self.vocab_size]
+        p = counts[counts > 0] / max(1, counts.sum())
+        entropy = float(-(p * np.log(p)).sum())
+        try:
+            atomic_write_text(stats_path, json.dumps({"unigram_entropy": entropy}) + "\n")
+        except OSError:  # a read-only cache still works; the value is recomputed next time
+            pass
+        return entropy
+
     def holdout_batches(self, batch_size: int, max_batches: int | None = None) -> Iterator[np.ndarray]:
         """The held-out sequences in stored order, in batches of (<= batch_size, window) int64."""
         return self.sequential_batches(batch_size, max_batches, start=self.num_train)
@@ -121,7 +143,8 @@ def _read_manifest(directory: Path) -> dict:
     file = directory / MANIFEST_NAME
     fix = f"delete '{directory}' and prepare the dataset again (aios data prepare)"
     if not file.is_file():
-        raise AiosError(f"'{directory}' is not a prepared dataset (no {MANIFEST_NAME}): {fix}")
+        raise AiosError(f"'{directory}' is not a prepared dataset directory (no {MANIFEST_NAME}): pass "
+                        f"<cache-dir>/<fingerprint>/ as printed by `aios data prepare`")
     try:
         manifest = json.loads(file.read_text(encoding="utf-8"))
         version = manifest["format_version"]

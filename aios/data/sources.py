@@ -240,13 +240,18 @@ def _jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
 
 
 def _csv_texts(path: Path, text_field: str) -> Iterator[str]:
+    csv.field_size_limit(2**31 - 1)  # a document per cell can be long; the default limit is 128 KB
     with open(path, encoding="utf-8-sig", newline="") as handle:
         reader = csv.DictReader(handle)
-        columns = reader.fieldnames or []
-        if text_field not in columns:
-            raise AiosError(
-                f"'{path}' has no column '{text_field}' (columns: {', '.join(columns) or 'none'}): "
-                f"pass --text-field with the name of the text column"
-            )
-        for row in reader:
-            yield row[text_field] or ""
+        try:
+            columns = reader.fieldnames or []
+            if text_field not in columns:
+                raise AiosError(
+                    f"'{path}' has no column '{text_field}' (columns: {', '.join(columns) or 'none'}): "
+                    f"pass --text-field with the name of the text column"
+                )
+            for row in reader:
+                yield row[text_field] or ""
+        except csv.Error as exc:
+            raise AiosError(f"'{path}' line {reader.line_num} is not valid CSV ({exc}): fix the file or "
+                            f"convert it to .jsonl") from None

@@ -289,7 +289,8 @@ class MixtureOfExperts(nn.Module):
         N = tokens.shape[0]
         probs = self.router(tokens).float().softmax(dim=-1)  # (N, E)
         top_p, top_e = probs.topk(k, dim=-1)  # (N, k)
-        top_p = top_p / top_p.sum(-1, keepdim=True)
+        if k > 1:  # renormalise over the chosen experts; with k = 1 the raw probability is the gate
+            top_p = top_p / top_p.sum(-1, keepdim=True)  # (Switch), else the router gets no task gradient
 
         # Load balancing (Switch Transformer): E * sum_e f_e * P_e, f = share of routed slots, P = mean prob.
         routed = F.one_hot(top_e, E).float().sum(1)  # (N, E)

@@ -106,22 +106,32 @@ def publish_checkpoint(staged: Path, checkpoints_dir: Path, step: int, keep: int
     """Move a sealed staging directory into `checkpoints_dir/step-N` atomically; keep the newest `keep`."""
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoints_dir / step_dir_name(step)
-    if final.exists():
-        if verify_checkpoint(final) is None:  # the same step saved twice: the new copy replaces it
-            shutil.rmtree(final)
-        else:  # a partial or corrupt directory of this step: keep it aside for inspection, never delete it
-            aside = final.with_name(f"{final.name}.invalid-{int(time.time())}")
-            log.warning("moving invalid checkpoint %s aside to %s", final, aside.name)
-            final.rename(aside)
+    previous = None
+    if final.exists():  # the same step saved again (e.g. a resume that ends where it started)
+        if verify_checkpoint(final) is None:
+            previous = final.with_name(f".replaced-{final.name}-{int(time.time())}")
+            final.rename(previous)  # dropped only once the new copy is in place
+        else:
+            set_aside(final, "invalid")
     shutil.move(str(staged), final)  # a rename: staging lives beside the checkpoints
+    if previous is not None:
+        shutil.rmtree(previous)
     prune_checkpoints(checkpoints_dir, keep)
     return final
 
 
+def set_aside(directory: Path, reason: str) -> Path:
+    """Rename a checkpoint that must not be used out of the step-N namespace; never delete it."""
+    aside = directory.with_name(f"{directory.name}.{reason}-{int(time.time())}")
+    log.warning("moving checkpoint %s aside to %s", directory, aside.name)
+    directory.rename(aside)
+    return aside
+
+
 def prune_checkpoints(checkpoints_dir: Path, keep: int) -> None:
-    """Delete sealed checkpoints beyond the newest `keep`; never touch partial ones."""
-    valid = [p for p in list_checkpoints(checkpoints_dir) if (p / COMPLETE).is_file()]
-    for old in valid[:-keep] if keep > 0 else []:
+    """Delete intact checkpoints beyond the newest `keep` intact ones; invalid ones are never deleted."""
+    intact = [p for p in list_checkpoints(checkpoints_dir) if verify_checkpoint(p) is None]
+    for old in intact[:-keep]:
         shutil.rmtree(old)
 
 
@@ -136,11 +146,23 @@ def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
+# Hashing a large checkpoint takes seconds: remember the verdict while no file in it has changed.
+_verified: dict[tuple, str | None] = {}
+
+
 def verify_checkpoint(directory: Path) -> str | None:
     """None if the checkpoint is complete and intact, else the reason it is not."""
     marker = directory / COMPLETE
     if not marker.is_file():
         return "no COMPLETE marker (partial write)"
+    key = (str(directory.resolve()),
+           *sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in directory.iterdir()))
+    if key not in _verified:
+        _verified[key] = _verify_files(directory, marker)
+    return _verified[key]
+
+
+def _verify_files(directory: Path, marker: Path) -> str | None:
     try:
         files = json.loads(marker.read_text())["files"]
     except (ValueError, KeyError) as exc:
@@ -154,13 +176,16 @@ def verify_checkpoint(directory: Path) -> str | None:
     return None
 
 
-def find_latest_checkpoint(checkpoints_dir: Path) -> Path | None:
-    """The newest intact checkpoint; invalid ones are reported and skipped, never deleted."""
+def find_latest_checkpoint(checkpoints_dir: Path, set_aside_invalid: bool = False) -> Path | None:
+    """The newest intact checkpoint. Newer invalid ones are reported, skipped and (when resuming) set
+    aside as step-N.invalid-<time>, so that later saves and pruning never mistake them for progress."""
     for candidate in reversed(list_checkpoints(checkpoints_dir)):
         problem = verify_checkpoint(candidate)
         if problem is None:
             return candidate
         log.warning("skipping checkpoint %s: %s; trying the previous one", candidate, problem)
+        if set_aside_invalid:
+            set_aside(candidate, "invalid")
     return None
 
 

@@ -15,6 +15,7 @@ import math
 import random
 import resource
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,17 +81,6 @@ def amp_dtype_for(config: TrainingConfig, device: torch.device) -> torch.dtype |
             return torch.float16
         log.warning("--amp-dtype fp16 needs CUDA (a GradScaler on CPU is not supported); using bf16 autocast")
     return torch.bfloat16
-
-
-def unigram_entropy(dataset: PreparedDataset) -> float:
-    """Entropy (nats per token) of the training tokens' unigram distribution: the loss of a model that
-    ignores context, a baseline the trained model's eval loss should fall well below."""
-    counts = np.zeros(dataset.vocab_size, dtype=np.int64)
-    for start in range(0, dataset.num_train, 4096):
-        rows = dataset.get(np.arange(start, min(start + 4096, dataset.num_train)))
-        counts += np.bincount(rows[:, 1:].ravel(), minlength=dataset.vocab_size)[: dataset.vocab_size]
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
 
 
 def peak_rss_mb() -> float:
@@ -159,7 +149,7 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         self.last_eval: dict | None = None
-        self.unigram_entropy = unigram_entropy(self.dataset) if self.is_main else None
+        self.unigram_entropy = self.dataset.unigram_entropy() if self.is_main else None
         self.restored_from = self._restore()
 
     # -- setup ------------------------------------------------------------------------------------------
@@ -199,6 +189,7 @@ class Trainer:
         directory = self.session.restore()
         if directory is None:
             return None
+        cfg = self.config
         state = ckpt.load_state(directory)
         saved_model = state["model_config"]
         if saved_model != self.model.config.to_dict():
@@ -212,70 +203,104 @@ class Trainer:
         if state["dataset_fingerprint"] != self.dataset.fingerprint:
             raise AiosError(f"checkpoint {directory} trained on other data (fingerprint "
                             f"{state['dataset_fingerprint'][:12]}): resume with the same dataset and tokenizer")
+        if state["optimizer"] != cfg.optimizer:
+            raise AiosError(f"checkpoint {directory} was trained with --optimizer {state['optimizer']}: resume "
+                            f"with --optimizer {state['optimizer']} (its state does not carry over)")
         self.model.load_state_dict(ckpt.load_model_weights(directory, self.device))
         opt = ckpt.load_optimizer_state(directory)
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
         if self.scaler is not None and opt.get("scaler"):
             self.scaler.load_state_dict(opt["scaler"])
-        # An OOM back-off in the earlier run persists: keep its micro-batch split.
-        self.micro_batch, self.grad_accum = state["micro_batch"], state["grad_accum"]
-        self.sampler = self._new_sampler()
+        self._apply_hyperparameters()
         rng, carries, sampler_state = ckpt.load_rank_files(directory, self.rank, self.device)
+        # The checkpoint's batch split, unless this run asks for a different one (same global batch): an OOM
+        # back-off of the earlier run persists until then.
+        asked = (cfg.batch_size, cfg.gradient_accumulation_steps)
+        saved = (state["micro_batch"], state["grad_accum"])
+        self.micro_batch, self.grad_accum = saved
+        self.sampler = self._new_sampler()
         self.sampler.load_state_dict(sampler_state)
         self.carries = carries
+        if asked != (state["config_micro_batch"], state["config_grad_accum"]) and asked != saved:
+            self._resplit(*asked)
         ckpt.restore_rng_state(rng)
         self.step = state["step"]
         self.tokens_seen = state["tokens_seen"]
         self.samples_drawn = state["samples_drawn"]
         self.nonfinite_in_a_row = state["nonfinite_in_a_row"]
         self.nonfinite_total = state["nonfinite_total"]
-        log.info("resumed from %s at step %d", directory, self.step)
+        log.info("resumed from %s at step %d (micro-batch %d x %d)", directory, self.step, self.micro_batch,
+                 self.grad_accum)
         return directory
+
+    def _apply_hyperparameters(self) -> None:
+        """After loading optimizer/scheduler state, use this run's --lr and --weight-decay (and --steps,
+        through the schedule): flags typed on resume take effect instead of being silently replaced."""
+        cfg = self.config
+        for group in self.optimizer.param_groups:
+            group["weight_decay"] = cfg.weight_decay
+            group["initial_lr"] = cfg.lr
+        sched = self.scheduler
+        sched.base_lrs = [cfg.lr] * len(self.optimizer.param_groups)
+        # LambdaLR.get_lr, written out: the same arithmetic, so an unchanged --lr resumes bit for bit.
+        lrs = [base * fn(sched.last_epoch) for fn, base in zip(sched.lr_lambdas, sched.base_lrs, strict=True)]
+        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        sched._last_lr = lrs
 
     # -- one optimizer step -----------------------------------------------------------------------------
     def train_step(self) -> dict | None:
-        """One optimizer step with OOM back-off; None at the end of the data."""
+        """One optimizer step with OOM back-off; None at the end of the data (nothing consumed)."""
         sampler_state = self.sampler.state_dict()
         carries = list(self.carries)
-        rng = torch.get_rng_state()
+        rng = ckpt.capture_rng_state()
+
+        def roll_back() -> None:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.carries = carries
+            self.sampler.load_state_dict(sampler_state)
+            ckpt.restore_rng_state(rng)
+
         while True:
             try:
-                return self._step_once()
+                record = self._step_once()
             except torch.cuda.OutOfMemoryError:
-                self.optimizer.zero_grad(set_to_none=True)
-                self.carries = carries
-                self.sampler.load_state_dict(sampler_state)
-                torch.set_rng_state(rng)
+                roll_back()
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 if self.micro_batch == 1:
                     raise AiosError("out of memory at micro-batch 1: lower --max-seq-len or --hidden-size, or "
                                     "enable --gradient-checkpointing and --amp") from None
-                self._halve_micro_batch()
+                if self.micro_batch % 2:
+                    raise AiosError(f"out of memory at micro-batch {self.micro_batch}: it is odd, so it cannot be "
+                                    f"halved keeping the global batch; use an even or smaller --batch-size") from None
+                self._resplit(self.micro_batch // 2, self.grad_accum * 2)
                 log.warning("out of memory at step %d: retrying with micro-batch %d x %d accumulation steps "
                             "(same global batch and sample order)", self.step + 1, self.micro_batch, self.grad_accum)
+                continue
+            if record is None:  # the data ran out part-way through the step: it never happened
+                roll_back()
+            return record
 
-    def _halve_micro_batch(self) -> None:
-        """Split every carry in two: slot s = (m * W + r) * b + row keeps its row for W = 1."""
+    def _resplit(self, micro_batch: int, grad_accum: int) -> None:
+        """Regroup this rank's rows into `grad_accum` micro-batches of `micro_batch` (same global batch).
+
+        With one worker, slot s = m * b + row: the concatenated rows of all micro-steps are the slots in
+        order, so regrouping them keeps every row's slot, sample and ACT state.
+        """
         if self.world != 1:
-            raise AiosError("out of memory: automatic micro-batch back-off needs a single worker; lower "
-                            "--batch-size and raise --gradient-accumulation-steps")
-        half = self.micro_batch // 2
-        if self.micro_batch % 2:
-            raise AiosError(f"out of memory at micro-batch {self.micro_batch}: it is odd, so it cannot be halved "
-                            f"keeping the global batch; use an even --batch-size or a smaller one")
+            raise AiosError("changing the micro-batch split needs a single worker; keep --batch-size and "
+                            "--gradient-accumulation-steps as they were")
+        assert micro_batch * grad_accum == self.micro_batch * self.grad_accum
         state = self.sampler.state_dict()
-        split: list[ACTCarry] = []
-        for carry in self.carries:
-            full = carry.state_dict()
-            for part in range(2):
-                rows = slice(part * half, (part + 1) * half)
-                split.append(ACTCarry.from_state_dict({k: v[rows] for k, v in full.items()}))
-        self.micro_batch, self.grad_accum = half, self.grad_accum * 2
+        rows = [carry.state_dict() for carry in self.carries]
+        every = {k: torch.cat([r[k] for r in rows]) for k in rows[0]}  # (rows_per_rank, ...)
+        self.carries = [ACTCarry.from_state_dict({k: v[m * micro_batch:(m + 1) * micro_batch]
+                                                  for k, v in every.items()}) for m in range(grad_accum)]
+        self.micro_batch, self.grad_accum = micro_batch, grad_accum
         self.sampler = self._new_sampler()
         self.sampler.load_state_dict(state)
-        self.carries = split
 
     def _step_once(self) -> dict | None:
         cfg, model = self.config, self.model
@@ -312,15 +337,17 @@ class Trainer:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
         self.carries = new_carries
         self.samples_drawn += drawn
-        finite = math.isfinite(sums["loss"]) and math.isfinite(grad_norm)
-        if finite or self.scaler is not None:  # the scaler skips inf/nan steps itself
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
-            self.scheduler.step()
-        if finite:
+        loss_finite = math.isfinite(sums["loss"])
+        finite = loss_finite and math.isfinite(grad_norm)
+        if self.scaler is not None:  # the scaler skips steps whose scaled gradients overflowed, by design
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif finite:
+            self.optimizer.step()
+        with warnings.catch_warnings():  # a skipped first update makes torch warn about the call order
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()  # a skipped update is still a step of the schedule, as of the step counter
+        if loss_finite if self.scaler is not None else finite:
             self.nonfinite_in_a_row = 0
         else:
             self.optimizer.zero_grad(set_to_none=True)
@@ -382,6 +409,9 @@ class Trainer:
         if self.is_main:
             state = {"step": self.step, "tokens_seen": self.tokens_seen, "samples_drawn": self.samples_drawn,
                      "world_size": self.world, "micro_batch": self.micro_batch, "grad_accum": self.grad_accum,
+                     "config_micro_batch": self.config.batch_size,
+                     "config_grad_accum": self.config.gradient_accumulation_steps,
+                     "optimizer": self.config.optimizer,
                      "global_batch": self.global_batch, "nonfinite_in_a_row": self.nonfinite_in_a_row,
                      "nonfinite_total": self.nonfinite_total, "config_hash": self.config.config_hash(),
                      "model_config": self.model.config.to_dict(), "dataset_fingerprint": self.dataset.fingerprint,

@@ -6,6 +6,7 @@ the Ray runner implements the same methods on top of `ray.train`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import signal
@@ -15,6 +16,7 @@ from typing import Protocol
 
 import torch
 
+from aios.errors import AiosError
 from aios.train.checkpoint import find_latest_checkpoint, publish_checkpoint
 
 log = logging.getLogger(__name__)
@@ -42,8 +44,6 @@ class Session(Protocol):
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            from aios.errors import AiosError
-
             raise AiosError("--device cuda: no CUDA device is visible; use --device cpu or --device auto")
         return torch.device("cuda", 0)
     return torch.device("cpu")
@@ -57,37 +57,52 @@ class LocalSession:
     local_rank = 0
 
     def __init__(self, checkpoints_dir: Path, *, device: torch.device, keep_checkpoints: int,
-                 resume: bool, stop_file: str | None = None):
+                 resume: bool, stop_file: str | None = None, require_checkpoint: bool = False):
         self.device = device
         self.checkpoints_dir = Path(checkpoints_dir)
         self.keep = keep_checkpoints
         self.resume = resume
+        self.require_checkpoint = require_checkpoint  # resuming a bundle that holds trained work
         self.stop_file = Path(stop_file) if stop_file else None
         self.signal_received: str | None = None
         self._staging_root: Path | None = None
-        self._previous_handlers: dict[int, object] = {}
+        self._previous_handlers: dict = {}
 
-    def __enter__(self) -> LocalSession:
+    @contextlib.contextmanager
+    def handle_signals(self):
+        """While training: the first SIGTERM/SIGINT asks for a graceful stop, a second one acts as usual."""
+        previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
-                self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
+                previous[sig] = signal.signal(sig, self._on_signal)
             except ValueError:  # not the main thread: signals stay with whoever owns them
                 pass
-        return self
+        self._previous_handlers = previous
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous_handlers.items():
-            signal.signal(sig, handler)
+    def close(self) -> None:
         if self._staging_root is not None:
             shutil.rmtree(self._staging_root, ignore_errors=True)
 
     def _on_signal(self, signum, _frame) -> None:
         self.signal_received = signal.Signals(signum).name
-        log.warning("%s received: finishing the current step, then checkpointing and stopping",
-                    self.signal_received)
+        log.warning("%s received: finishing the current step, then checkpointing and stopping (send it again "
+                    "to stop at once)", self.signal_received)
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
 
     def restore(self) -> Path | None:
-        return find_latest_checkpoint(self.checkpoints_dir) if self.resume else None
+        if not self.resume:
+            return None
+        found = find_latest_checkpoint(self.checkpoints_dir, set_aside_invalid=True)
+        if found is None and self.require_checkpoint:
+            raise AiosError(f"--resume: no intact checkpoint in {self.checkpoints_dir} (invalid ones were moved "
+                            f"aside as step-N.invalid-*): repair one, or train a new --brain-name")
+        return found
 
     def staging_dir(self, step: int) -> Path:
         if self._staging_root is None:  # beside the checkpoints, so publishing is a rename

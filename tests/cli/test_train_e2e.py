@@ -100,6 +100,32 @@ def test_bad_input_is_one_red_line_and_exit_2(tmp_path, args, message):
     assert not any(tmp_path.iterdir())  # nothing written
 
 
+@pytest.mark.parametrize("flag", ["--bundle-dir", "--data-cache-dir", "--log-file"])
+def test_output_paths_of_the_wrong_kind_are_refused(tmp_path, flag):
+    target = tmp_path / "target"
+    if flag == "--log-file":
+        target.mkdir()
+    else:
+        target.write_text("a file")
+    extra = [] if flag == "--bundle-dir" else ["--bundle-dir", tmp_path / "brains"]
+    result = aios("hrm-hf", "train-actv1", *TINY, *extra, flag, target, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert ("is a directory" if flag == "--log-file" else "is a file") in result.stderr
+
+
+def test_brains_list_survives_a_corrupt_metadata_file(trained, tmp_path):
+    import shutil
+
+    copy = tmp_path / "brains"
+    shutil.copytree(trained["bundle_dir"] / "e2e", copy / "broken")
+    shutil.copytree(trained["bundle_dir"] / "e2e", copy / "fine")
+    (copy / "broken" / "metadata.json").write_text("{not json")
+    listing = aios("brains", "list", "--bundle-dir", copy).stdout
+    assert "broken" in listing and "fine" in listing and "not valid JSON" in listing
+    shown = aios("brains", "show", "broken", "--bundle-dir", copy, check=False)
+    assert shown.returncode == 2 and "metadata.json is not valid JSON" in shown.stderr
+
+
 def test_binary_dataset_is_refused_without_touching_the_bundle(tmp_path, trained):
     binary = tmp_path / "data.txt"
     binary.write_bytes(b"\x00\x01\x02" * 1000)

@@ -102,6 +102,14 @@ def test_csv_reads_the_named_column(tmp_path: Path):
     assert counts.samples_read == 4
 
 
+def test_csv_cells_longer_than_the_csv_module_default_limit(tmp_path: Path):
+    path = tmp_path / "docs.csv"
+    document = "word " * 60_000  # 300 KB in one cell (the csv module's default limit is 128 KB)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([["text"], [document]])
+    assert read_samples(path)[0] == [document]
+
+
 def test_directory_reads_supported_files_recursively_in_sorted_order(tmp_path: Path):
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "z.txt").write_text("third\n")

@@ -400,6 +400,30 @@ def test_moe_batched_dispatch_equals_a_per_token_reference():
     torch.testing.assert_close(out.reshape(-1, 32), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_moe_router_learns_from_the_task_loss(k):
+    torch.manual_seed(0)
+    moe = MixtureOfExperts(tiny_config(use_moe=True, num_experts=4, num_experts_per_tok=k,
+                                       moe_capacity_factor=100.0))
+    out, _ = moe(torch.randn(2, 5, 32))
+    out.square().sum().backward()  # the output alone, no balancing loss
+    assert moe.router.weight.grad.abs().sum() > 1e-2
+
+
+def test_moe_top1_gate_is_the_router_probability():
+    torch.manual_seed(0)
+    moe = MixtureOfExperts(tiny_config(use_moe=True, num_experts=4, num_experts_per_tok=1,
+                                       moe_capacity_factor=100.0))
+    x = torch.randn(1, 3, 32)
+    out, _ = moe(x)
+    tokens = x.reshape(-1, 32)
+    probs = moe.router(tokens).softmax(-1)
+    p, e = probs.max(-1)
+    for n in range(3):
+        gate, up = (tokens[n] @ moe.gate_up[e[n]]).chunk(2)
+        torch.testing.assert_close(out[0, n], p[n] * ((F.silu(gate) * up) @ moe.down[e[n]]), atol=1e-5, rtol=1e-5)
+
+
 def test_moe_capacity_drops_overflow_tokens():
     torch.manual_seed(0)
     config = tiny_config(use_moe=True, num_experts=4, num_experts_per_tok=1, moe_capacity_factor=0.25)

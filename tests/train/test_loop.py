@@ -138,10 +138,12 @@ def test_stop_file_then_resume_ends_bitwise_equal_to_a_straight_run(make_config,
     assert records(second.bundle / "metrics.jsonl", "start")[-1]["resumed_from"].endswith(f"step-{at:06d}")
 
 
-def test_a_new_run_refuses_a_brain_with_checkpoints(make_config):
-    launch(make_config(steps=2))
-    with pytest.raises(AiosError, match="already has checkpoints.*--resume"):
+def test_a_new_run_refuses_a_brain_with_a_trained_model(make_config):
+    first = launch(make_config(steps=2))
+    before = (first.bundle / "model.safetensors").read_bytes()
+    with pytest.raises(AiosError, match="already holds a trained model.*--resume"):
         launch(make_config(steps=2))
+    assert (first.bundle / "model.safetensors").read_bytes() == before
 
 
 def test_resume_refuses_a_different_model(make_config):
@@ -163,8 +165,52 @@ def test_a_corrupt_or_partial_checkpoint_is_skipped_and_kept(make_config, caplog
     assert records(second.bundle / "metrics.jsonl", "start")[-1]["resumed_from"].endswith("step-000002")
     assert second.step == 6
     kept_aside = sorted(p.name for p in checkpoints.iterdir() if ".invalid-" in p.name)
-    assert len(kept_aside) == 2  # both invalid directories were moved aside, not deleted
-    assert verify_checkpoint(checkpoints / "step-000006") is None
+    assert [name.split(".")[0] for name in kept_aside] == ["step-000004", "step-000006"]  # moved, not deleted
+    assert [p.name for p in list_checkpoints(checkpoints)] == ["step-000002", "step-000004", "step-000006"]
+    assert all(verify_checkpoint(p) is None for p in list_checkpoints(checkpoints))
+
+
+def test_pruning_never_deletes_intact_checkpoints_in_favour_of_corrupt_ones(make_config):
+    config = make_config(steps=4, checkpoint_every=1, keep_checkpoints=3)
+    first = launch(config)
+    checkpoints = first.bundle / "checkpoints"
+    corrupt = checkpoints / "step-000004" / "optimizer.pt"
+    corrupt.write_bytes(b"garbage")
+    second = launch(config.replace(steps=5, keep_checkpoints=1, resume=True))
+    assert second.step == 5
+    assert [p.name for p in list_checkpoints(checkpoints)] == ["step-000005"]
+    assert verify_checkpoint(checkpoints / "step-000005") is None
+    assert any(p.name.startswith("step-000004.invalid-") for p in checkpoints.iterdir())
+
+
+def test_resume_with_no_intact_checkpoint_refuses_and_keeps_the_bundle(make_config):
+    config = make_config(steps=2)
+    first = launch(config)
+    before = (first.bundle / "model.safetensors").read_bytes()
+    (first.bundle / "checkpoints" / "step-000002" / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(AiosError, match="--resume: no intact checkpoint"):
+        launch(config.replace(steps=4, resume=True))
+    assert (first.bundle / "model.safetensors").read_bytes() == before
+    assert BrainBundle(first.bundle).metadata()["steps"] == 2
+
+
+def test_flags_typed_on_resume_take_effect(make_config):
+    config = make_config(steps=2, lr=1e-3)
+    launch(config)
+    resumed = launch(config.replace(steps=4, lr=5e-3, weight_decay=0.0, batch_size=2,
+                                    gradient_accumulation_steps=2, resume=True))
+    steps = records(resumed.bundle / "metrics.jsonl", "step")
+    assert [(r["micro_batch"], r["grad_accum"]) for r in steps] == [(4, 1), (4, 1), (2, 2), (2, 2)]
+    # warmup_steps=2 is over: the cosine now runs from the new peak of 5e-3
+    assert steps[2]["lr"] == pytest.approx(5e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0 / 2))))
+    assert steps[3]["lr"] == pytest.approx(5e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 1 / 2))))
+
+
+def test_resume_refuses_another_optimizer(make_config):
+    config = make_config(steps=2, optimizer="adam-atan2")
+    launch(config)
+    with pytest.raises(AiosError, match="--optimizer adam-atan2"):
+        launch(config.replace(steps=4, optimizer="adamw", resume=True))
 
 
 class InjectOOM(TrainCallbacks):
@@ -190,6 +236,7 @@ def test_oom_halves_the_micro_batch_and_keeps_batch_and_order(make_config):
     assert [r["samples_drawn"] for r in steps] == [r["samples_drawn"] for r in clean_steps]
     for a, b in zip(steps, clean_steps, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)  # the loss is scaled as before
     assert BrainBundle(backoff.bundle).tracker()["cursor"] == BrainBundle(clean.bundle).tracker()["cursor"]
     wa, wb = weights(clean.bundle), weights(backoff.bundle)
     for name in wa:
