@@ -404,8 +404,9 @@ class HRMInner(nn.Module):
         return self.embed_scale * x
 
     def forward(self, z_H: torch.Tensor, z_L: torch.Tensor, inputs: torch.Tensor,
-                puzzle_identifiers: torch.Tensor | None = None):
-        """One segment. Returns (z_H, z_L) detached, logits (B, T, V), q logits (B, 2), MoE aux loss."""
+                puzzle_identifiers: torch.Tensor | None = None, with_logits: bool = True):
+        """One segment. Returns (z_H, z_L) detached, logits (B, T, V) (None unless `with_logits`),
+        q logits (B, 2), MoE aux loss."""
         cfg = self.config
         x = self.embed(inputs, puzzle_identifiers)  # (B, S, D)
         rotary = self.rotary(x.shape[1]) if cfg.pos_encodings == "rope" else None
@@ -419,7 +420,7 @@ class HRMInner(nn.Module):
         # The one-step gradient: only these two updates are in the autograd graph.
         z_L, aux_L = self.L_level(z_L, z_H + x, rotary)
         z_H, aux_H = self.H_level(z_H, z_L, rotary)
-        logits = self.lm_head(z_H)[:, self.prefix_len:]  # (B, T, V)
+        logits = self.lm_head(z_H)[:, self.prefix_len:] if with_logits else None  # (B, T, V)
         q_logits = self.q_head(z_H[:, self.q_position]).float()  # (B, 2)
         return z_H.detach(), z_L.detach(), logits, q_logits, aux_L + aux_H
 
@@ -517,7 +518,8 @@ class HRMACTv1(nn.Module):
                 explore = torch.rand_like(q_halt) < cfg.halt_exploration_prob
                 min_steps = explore * torch.randint_like(steps, low=2, high=cfg.halt_max_steps + 1)
                 halted = halted & (steps >= min_steps)
-                _, _, _, next_q, _ = inner(z_H, z_L, data["inputs"], data.get("puzzle_identifiers"))
+                _, _, _, next_q, _ = inner(z_H, z_L, data["inputs"], data.get("puzzle_identifiers"),
+                                           with_logits=False)  # only the q values of the next segment
                 next_halt, next_continue = next_q.unbind(-1)
                 outputs["target_q_continue"] = torch.sigmoid(
                     torch.where(is_last, next_halt, torch.maximum(next_halt, next_continue)))
