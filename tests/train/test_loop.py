@@ -18,6 +18,8 @@ from aios.train import launch
 from aios.train.checkpoint import list_checkpoints, verify_checkpoint
 from aios.train.loop import TrainCallbacks
 
+SAMPLE = Path(__file__).resolve().parents[2] / "training_data" / "curated_datasets" / "test_sample.txt"
+
 STEP_KEYS = {"event", "step", "epoch", "lr", "loss", "lm_loss", "q_halt_loss", "q_continue_loss", "aux_loss",
              "grad_norm", "token_accuracy", "halted", "segments", "samples_drawn", "tokens", "tokens_seen",
              "tokens_per_s", "step_time_s", "skipped", "nonfinite_total", "micro_batch", "grad_accum",
@@ -75,14 +77,16 @@ def test_a_run_writes_a_complete_bundle_and_metrics(make_config):
         assert torch.equal(tensor, ckpt_weights[name]), name
 
 
-def test_training_lowers_the_eval_loss(make_config):
-    result = launch(make_config(steps=60, eval_every=60, lr=1e-2, warmup_steps=4, halt_max_steps=2))
+def test_training_brings_the_eval_loss_well_below_the_unigram_entropy(make_config, tmp_path):
+    """The issue's bar for the demo, at test size: 200 KB of the sample, a 128-wide model, 400 steps."""
+    text = tmp_path / "sample-200k.txt"
+    text.write_text(SAMPLE.read_text()[:200_000])
+    result = launch(make_config(dataset_file=str(text), text_mode="document", max_seq_len=32,
+                                dataset_chunk_size=256, hidden_size=128, halt_max_steps=2, batch_size=16,
+                                steps=400, lr=5e-3, warmup_steps=10, eval_batches=8, iterate=True))
     start = records(result.bundle / "metrics.jsonl", "start")[0]
-    steps = records(result.bundle / "metrics.jsonl", "step")
-    assert math.log(2048) > start["unigram_entropy"] > 3.0
-    first, last = steps[0]["lm_loss"], sum(r["lm_loss"] for r in steps[-5:]) / 5
-    assert last < first - 1.2  # from ~ln(vocab) = 7.6 towards the unigram entropy
-    assert result.final_eval["loss"] < first - 1.5
+    assert 5.0 < start["unigram_entropy"] < math.log(2048)
+    assert result.final_eval["loss"] < start["unigram_entropy"] - 0.5  # measured: 5.18 vs 5.93
 
 
 def test_same_seed_gives_bitwise_identical_weights(make_config):
