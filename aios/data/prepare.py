@@ -109,6 +109,9 @@ def prepare_dataset(
         raise AiosError(f"unknown text mode '{text_mode}': pass --text-mode lines or --text-mode document")
     if not 0.0 <= holdout_fraction < 1.0:
         raise AiosError(f"holdout fraction must be in [0, 1), got {holdout_fraction}: pass e.g. 0.05")
+    if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        raise AiosError(f"the data cache {cache_dir} is a file, not a directory: pass a directory to "
+                        f"--data-cache-dir / --cache-dir")
     if getattr(tokenizer, "eos_token_id", None) is None:
         raise AiosError(
             f"tokenizer '{tokenizer_name}' has no EOS token, which separates documents: "
@@ -134,7 +137,6 @@ def prepare_dataset(
         return existing
 
     staging_dir = make_staging_dir(final_dir)
-    os.chmod(staging_dir, 0o755)  # mkdtemp makes it private; other workers may read the cache
     try:
         manifest = _build(
             staging_dir,
