@@ -28,6 +28,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -58,28 +59,46 @@ TOKENIZE_BATCH_CHARS = 1 << 20  # characters per tokenizer call: large enough fo
 TOKENIZE_BATCH_SAMPLES = 4096
 
 
-def dataset_fingerprint(
-    sources: list[SourceFile],
-    tokenizer_fp: str,
-    *,
-    max_seq_len: int,
-    chunk_size: int,
-    text_mode: str,
-    text_field: str,
-    ascii_only: bool,
-    holdout_fraction: float,
-) -> str:
+@dataclass(frozen=True)
+class PrepareOptions:
+    """How a source is turned into windows: everything besides the source and tokenizer that decides
+    the prepared content, so all of it is part of the fingerprint."""
+
+    max_seq_len: int
+    chunk_size: int
+    text_mode: TextMode = "lines"
+    text_field: str = "text"
+    ascii_only: bool = False
+    holdout_fraction: float = 0.0
+
+    def validate(self) -> None:
+        """Raise AiosError for the first option out of range."""
+        if self.max_seq_len < 1:
+            raise AiosError(f"max_seq_len must be at least 1, got {self.max_seq_len}: pass --max-seq-len >= 1")
+        if self.chunk_size < 1:
+            raise AiosError(
+                f"dataset chunk size must be at least 1, got {self.chunk_size}: pass --dataset-chunk-size >= 1"
+            )
+        if self.text_mode not in TEXT_MODES:
+            raise AiosError(
+                f"unknown text mode '{self.text_mode}': pass --text-mode lines or --text-mode document"
+            )
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise AiosError(f"holdout fraction must be in [0, 1), got {self.holdout_fraction}: pass e.g. 0.05")
+
+    def identity(self) -> dict:
+        """The options as fingerprint keys. The field names are those keys: renaming a field changes
+        every fingerprint and so invalidates every existing prepared dataset."""
+        return asdict(self)
+
+
+def dataset_fingerprint(sources: list[SourceFile], tokenizer_fp: str, options: PrepareOptions) -> str:
     """sha256 over everything that decides the prepared content."""
     identity = {
         "format_version": FORMAT_VERSION,
         "sources": [[s.relative_name, s.sha256] for s in sources],
         "tokenizer": tokenizer_fp,
-        "max_seq_len": max_seq_len,
-        "chunk_size": chunk_size,
-        "text_mode": text_mode,
-        "text_field": text_field,
-        "ascii_only": ascii_only,
-        "holdout_fraction": holdout_fraction,
+        **options.identity(),
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
@@ -99,16 +118,15 @@ def prepare_dataset(
     progress: bool = False,
 ) -> PreparedDataset:
     """Prepare `source` (or reuse its cached preparation) and open it."""
-    if max_seq_len < 1:
-        raise AiosError(f"max_seq_len must be at least 1, got {max_seq_len}: pass --max-seq-len >= 1")
-    if chunk_size < 1:
-        raise AiosError(
-            f"dataset chunk size must be at least 1, got {chunk_size}: pass --dataset-chunk-size >= 1"
-        )
-    if text_mode not in TEXT_MODES:
-        raise AiosError(f"unknown text mode '{text_mode}': pass --text-mode lines or --text-mode document")
-    if not 0.0 <= holdout_fraction < 1.0:
-        raise AiosError(f"holdout fraction must be in [0, 1), got {holdout_fraction}: pass e.g. 0.05")
+    options = PrepareOptions(
+        max_seq_len=max_seq_len,
+        chunk_size=chunk_size,
+        text_mode=text_mode,
+        text_field=text_field,
+        ascii_only=ascii_only,
+        holdout_fraction=holdout_fraction,
+    )
+    options.validate()
     if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
         raise AiosError(f"the data cache {cache_dir} is a file, not a directory: pass a directory to "
                         f"--data-cache-dir / --cache-dir")
@@ -120,16 +138,7 @@ def prepare_dataset(
 
     sources = [inspect_file(path, name) for path, name in resolve_source(source)]
     tokenizer_fp = tokenizer_fingerprint(tokenizer)
-    fingerprint = dataset_fingerprint(
-        sources,
-        tokenizer_fp,
-        max_seq_len=max_seq_len,
-        chunk_size=chunk_size,
-        text_mode=text_mode,
-        text_field=text_field,
-        ascii_only=ascii_only,
-        holdout_fraction=holdout_fraction,
-    )
+    fingerprint = dataset_fingerprint(sources, tokenizer_fp, options)
     final_dir = Path(cache_dir) / fingerprint[:16]
     existing = _open_if_valid(final_dir, fingerprint)
     if existing is not None:
@@ -146,12 +155,7 @@ def prepare_dataset(
             tokenizer_fp=tokenizer_fp,
             fingerprint=fingerprint,
             source_spec=os.fspath(source),
-            max_seq_len=max_seq_len,
-            chunk_size=chunk_size,
-            text_mode=text_mode,
-            text_field=text_field,
-            ascii_only=ascii_only,
-            holdout_fraction=holdout_fraction,
+            options=options,
             progress=progress,
         )
     except BaseException:
@@ -279,27 +283,26 @@ def _build(
     tokenizer_fp: str,
     fingerprint: str,
     source_spec: str,
-    max_seq_len: int,
-    chunk_size: int,
-    text_mode: str,
-    text_field: str,
-    ascii_only: bool,
-    holdout_fraction: float,
+    options: PrepareOptions,
     progress: bool,
 ) -> dict:
     vocab_size = len(tokenizer)
     eos_id = int(tokenizer.eos_token_id)
     dtype = np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
-    window = max_seq_len + 1
-    writer = _ChunkWriter(directory, window, chunk_size, dtype)
+    window = options.max_seq_len + 1
+    writer = _ChunkWriter(directory, window, options.chunk_size, dtype)
     counts = ReadCounts()
-    split_documents = text_mode == "lines" or _newline_split_is_exact(tokenizer)
+    split_documents = options.text_mode == "lines" or _newline_split_is_exact(tokenizer)
 
     bar = _ProgressBar(sum(s.size for s in sources), enabled=progress)
     with bar:
         for source in sources:
             segments = iter_segments(
-                source, text_mode=text_mode, text_field=text_field, ascii_only=ascii_only, counts=counts
+                source,
+                text_mode=options.text_mode,
+                text_field=options.text_field,
+                ascii_only=options.ascii_only,
+                counts=counts,
             )
             if not split_documents:
                 segments = _merge_pieces(segments)
@@ -328,6 +331,7 @@ def _build(
             f"dataset '{source_spec}' has {writer.tokens} tokens, fewer than one window of max_seq_len + 1 "
             f"= {window}: pass a smaller --max-seq-len (e.g. {suggestion}) or more text"
         )
+    holdout_fraction = options.holdout_fraction
     num_holdout = math.ceil(holdout_fraction * num_sequences) if holdout_fraction > 0 else 0
     if num_holdout >= num_sequences:
         raise AiosError(
@@ -346,9 +350,9 @@ def _build(
             "vocab_size": vocab_size,
             "eos_id": eos_id,
         },
-        "seq_len": max_seq_len,
+        "seq_len": options.max_seq_len,
         "window": window,
-        "chunk_size": chunk_size,
+        "chunk_size": options.chunk_size,
         "dtype": dtype.name,
         "chunks": writer.chunks,
         "sources": [
@@ -360,7 +364,11 @@ def _build(
             }
             for s in sources
         ],
-        "text_options": {"text_mode": text_mode, "text_field": text_field, "ascii_only": ascii_only},
+        "text_options": {
+            "text_mode": options.text_mode,
+            "text_field": options.text_field,
+            "ascii_only": options.ascii_only,
+        },
         "counts": {
             "samples_read": counts.samples_read,
             "samples_dropped_non_ascii": counts.samples_dropped_non_ascii,

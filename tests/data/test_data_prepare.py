@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from aios.data import PreparedDataset, prepare_dataset
-from aios.data.prepare import dataset_fingerprint
+from aios.data.prepare import PrepareOptions, dataset_fingerprint
 from aios.data.sources import DOCUMENT_PIECE_CHARS
 from aios.tokenizers import load_tokenizer, tokenizer_fingerprint
 
@@ -218,16 +218,7 @@ def test_fingerprint_depends_on_relative_names(tmp_path: Path):
 
     def fp(name):
         source = SourceFile(tmp_path / name, name, 3, "ab" * 32, True)
-        return dataset_fingerprint(
-            [source],
-            "tok",
-            max_seq_len=8,
-            chunk_size=4,
-            text_mode="lines",
-            text_field="text",
-            ascii_only=False,
-            holdout_fraction=0.0,
-        )
+        return dataset_fingerprint([source], "tok", PrepareOptions(max_seq_len=8, chunk_size=4))
 
     assert fp("a.txt") != fp("b.txt")
 
