@@ -97,7 +97,9 @@ class TrainingConfig(BaseModel):
     dataset_file: str | None = setting(
         None, "Training text: a .txt/.jsonl/.csv file, a directory of them, or a glob.", "Data"
     )
-    ascii_only: bool = setting(False, "Drop non-ASCII lines from the training text.", "Data")
+    ascii_only: bool = setting(
+        False, "Drop samples (lines, records, or whole documents in document mode) with non-ASCII characters.",
+        "Data")
     text_mode: Literal["lines", "document"] = setting(
         "lines", "For .txt files: each non-blank line is a sample, or the whole file is one document.", "Data"
     )

@@ -482,8 +482,7 @@ class Trainer:
                         if metrics_log:
                             metrics_log.write({"event": "checkpoint", "step": self.step, "path": str(path)})
             if reason == "stop" and metrics_log:
-                stop_reason = getattr(self.session, "stop_reason", lambda: "stop requested")()
-                metrics_log.write({"event": "stop", "step": self.step, "reason": stop_reason})
+                metrics_log.write({"event": "stop", "step": self.step, "reason": self.session.stop_reason()})
             if last_eval_step != self.step:
                 result = self.evaluate()
                 if metrics_log:

@@ -40,6 +40,9 @@ class Session(Protocol):
     def stop_requested(self) -> bool:
         """True once a graceful stop was asked for (stop file, SIGTERM, SIGINT)."""
 
+    def stop_reason(self) -> str:
+        """Why the stop was requested (for the metrics log)."""
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
