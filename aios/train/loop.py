@@ -401,12 +401,10 @@ class Trainer:
 
     def save_checkpoint(self, metrics: dict) -> Path | None:
         staged = self.session.staging_dir(self.step)
-        optimizer_state = None
+        optimizer_state = state = None  # shared files: written by rank 0 only
         if self.is_main:
             optimizer_state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                                "scaler": self.scaler.state_dict() if self.scaler else None}
-        state = None
-        if self.is_main:
             state = {"step": self.step, "tokens_seen": self.tokens_seen, "samples_drawn": self.samples_drawn,
                      "world_size": self.world, "micro_batch": self.micro_batch, "grad_accum": self.grad_accum,
                      "config_micro_batch": self.config.batch_size,
