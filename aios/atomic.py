@@ -7,13 +7,14 @@ built under a staging name beside the target and renamed into place.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import tempfile
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+
+from aios import jsonio
 
 
 def _umask() -> int:
@@ -48,7 +49,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, data) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    """Strict JSON (non-finite floats as null), written atomically."""
+    atomic_write_text(path, jsonio.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def make_staging_dir(final_dir: Path) -> Path:

@@ -8,9 +8,14 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from aios.models.hrm_act_v1 import IGNORE_LABEL_ID, HRMACTv1, shift_labels
+from aios.models.hrm_act_v1 import (
+    IGNORE_LABEL_ID,
+    HRMACTv1,
+    shift_labels,
+    token_cross_entropy,
+    token_log_probs,
+)
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None):
@@ -45,8 +50,8 @@ def evaluate_lm(model: HRMACTv1, batches: Iterable[np.ndarray], device: torch.de
             labels = batch["labels"]
             logits = outputs["logits"].float()
             mask = labels != IGNORE_LABEL_ID
-            loss_sum += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_LABEL_ID,
-                                        reduction="sum").item()
+            # The model's own loss (softmax or stablemax cross-entropy), as in training.
+            loss_sum += float(token_cross_entropy(logits, labels, model.config.loss_type).sum())
             tokens += int(mask.sum())
             correct += int((mask & (logits.argmax(-1) == labels)).sum())
             sequences += labels.shape[0]
@@ -89,7 +94,8 @@ def generate(model: HRMACTv1, prompt_ids: list[int], *, max_new_tokens: int, tem
             if top_k:
                 kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
-            token = int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+            probs = token_log_probs(logits, model.config.loss_type).exp()  # the model's own distribution
+            token = int(torch.multinomial(probs, 1, generator=generator))
         ids.append(token)
         new_tokens.append(token)
         if eos_id is not None and token == eos_id:

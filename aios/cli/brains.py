@@ -11,6 +11,7 @@ from rich.table import Table
 
 from aios.bundle import BrainBundle, list_bundles
 from aios.errors import AiosError
+from aios.paths import DEFAULT_BUNDLE_DIR
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
 console = Console()
@@ -19,7 +20,7 @@ BundleDir = Annotated[str, typer.Option("--bundle-dir", help="Directory that hol
 
 
 @app.command("list")
-def list_command(bundle_dir: BundleDir = "artifacts/brains/actv1") -> None:
+def list_command(bundle_dir: BundleDir = DEFAULT_BUNDLE_DIR) -> None:
     """Every bundle under --bundle-dir with its steps, size and last evaluation."""
     bundles = list_bundles(bundle_dir)
     if not bundles:
@@ -41,7 +42,7 @@ def list_command(bundle_dir: BundleDir = "artifacts/brains/actv1") -> None:
 
 @app.command("show")
 def show_command(name: Annotated[str, typer.Argument(help="Bundle name or directory.")],
-                 bundle_dir: BundleDir = "artifacts/brains/actv1") -> None:
+                 bundle_dir: BundleDir = DEFAULT_BUNDLE_DIR) -> None:
     """Metadata, model config, data progress and checkpoints of one bundle (JSON)."""
     from aios.train.checkpoint import list_checkpoints, verify_checkpoint
 

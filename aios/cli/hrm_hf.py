@@ -18,6 +18,7 @@ from typer._click.exceptions import ClickException
 from aios.cli.options import typed_by_user, with_config_options
 from aios.config.training import TrainingConfig, error_field, format_validation_error, read_yaml_settings
 from aios.errors import AiosError
+from aios.paths import DEFAULT_BUNDLE_DIR, DEFAULT_DATA_CACHE_DIR
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode="rich")
 
@@ -116,7 +117,7 @@ def generate_command(
     top_k: Annotated[int, typer.Option("--top-k", min=0, help="Sample from the k likeliest tokens; 0 = all.")] = 40,
     seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
     bundle_dir: Annotated[str, typer.Option("--bundle-dir", help="Directory that holds brain bundles.")]
-    = "artifacts/brains/actv1",
+    = DEFAULT_BUNDLE_DIR,
     device: Annotated[Literal["auto", "cpu", "cuda"], typer.Option("--device", help="Where to run.")] = "auto",
 ) -> None:
     """Continue a prompt with a trained brain (ACT inference: segments until the Q-head halts, at most M)."""
@@ -145,9 +146,9 @@ def eval_command(
                          typer.Option("--text-mode", help=".txt: a sample per line, or one document.")]
     = "document",
     data_cache_dir: Annotated[str, typer.Option("--data-cache-dir", help="Prepared-data cache.")]
-    = "artifacts/prepared_data",
+    = DEFAULT_DATA_CACHE_DIR,
     bundle_dir: Annotated[str, typer.Option("--bundle-dir", help="Directory that holds brain bundles.")]
-    = "artifacts/brains/actv1",
+    = DEFAULT_BUNDLE_DIR,
     device: Annotated[Literal["auto", "cpu", "cuda"], typer.Option("--device", help="Where to run.")] = "auto",
 ) -> None:
     """Loss, perplexity, token accuracy and ACT segments of a brain on a text file (prints JSON)."""

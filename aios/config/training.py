@@ -37,6 +37,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from aios.errors import AiosError
+from aios.paths import DEFAULT_BUNDLE_DIR, DEFAULT_DATA_CACHE_DIR
 
 # The `--help` panels, in the order they are shown (and the order of fields in the class).
 GROUPS = ("Data", "Model", "Training", "Memory", "Distributed", "Storage", "Bundle")
@@ -111,7 +112,7 @@ class TrainingConfig(BaseModel):
     eval_every: int = setting(0, "Evaluate every N steps; 0 = only at the end.", "Data", ge=0)
     max_seq_len: int = setting(128, "Tokens per training sequence.", "Data", gt=0)
     dataset_chunk_size: int = setting(4000, "Sequences per prepared data chunk.", "Data", gt=0)
-    data_cache_dir: str = setting("artifacts/prepared_data", "Where tokenized data chunks are cached.", "Data",
+    data_cache_dir: str = setting(DEFAULT_DATA_CACHE_DIR, "Where tokenized data chunks are cached.", "Data",
                                   min_length=1)
 
     # ---- Model (HRM ACT v1, see docs/HRM_ACTV1.md) ----------------------------------------------------
@@ -136,7 +137,6 @@ class TrainingConfig(BaseModel):
     num_experts_per_tok: int = setting(2, "Experts each token is routed to (with --use-moe).", "Model", gt=0)
     moe_capacity_factor: float = setting(1.25, "Expert capacity factor (with --use-moe).", "Model", gt=0)
     moe_aux_loss_coef: float = setting(0.01, "Load-balancing loss weight (with --use-moe).", "Model", ge=0)
-    use_flash_attn: bool = setting(False, "Use FlashAttention kernels when installed (CUDA).", "Model")
 
     # ---- Training -------------------------------------------------------------------------------------
     steps: int = setting(200, "Optimizer steps.", "Training", gt=0)
@@ -164,6 +164,7 @@ class TrainingConfig(BaseModel):
 
     # ---- Memory ---------------------------------------------------------------------------------------
     gradient_checkpointing: bool = setting(True, "Recompute activations in backward to save memory.", "Memory")
+    use_flash_attn: bool = setting(False, "Use FlashAttention kernels when installed (CUDA).", "Memory")
     amp: bool = setting(True, "Mixed precision autocast (see --amp-dtype).", "Memory")
     amp_dtype: Literal["bf16", "fp16"] = setting(
         "bf16", "Autocast dtype with --amp: bf16 (CPU and CUDA) or fp16 with a GradScaler (CUDA only).", "Memory"
@@ -183,7 +184,7 @@ class TrainingConfig(BaseModel):
                                                      "Distributed")
 
     # ---- Storage / Bundle -----------------------------------------------------------------------------
-    bundle_dir: str = setting("artifacts/brains/actv1", "Directory that holds brain bundles.", "Storage",
+    bundle_dir: str = setting(DEFAULT_BUNDLE_DIR, "Directory that holds brain bundles.", "Storage",
                               min_length=1)
     brain_name: str = setting("default", "Bundle name: <bundle-dir>/<brain-name>/ (letters, digits, . _ -).",
                               "Bundle")

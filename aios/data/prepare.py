@@ -47,6 +47,7 @@ from aios.data.sources import (
     resolve_source,
 )
 from aios.errors import AiosError
+from aios.paths import DEFAULT_DATA_CACHE_DIR
 from aios.tokenizers import tokenizer_fingerprint
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CACHE_DIR = Path("artifacts") / "prepared_data"
+DEFAULT_CACHE_DIR = Path(DEFAULT_DATA_CACHE_DIR)
 TOKENIZE_BATCH_CHARS = 1 << 20  # characters per tokenizer call: large enough for the Rust threads
 TOKENIZE_BATCH_SAMPLES = 4096
 

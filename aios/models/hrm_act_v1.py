@@ -17,6 +17,7 @@ mask would see only the first token and could not judge the sequence).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -37,6 +38,9 @@ IGNORE_LABEL_ID = -100
 MODEL_TYPE = "hrm_act_v1"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+# How the model runs, not what it is: set per run (`HRMACTv1(config, gradient_checkpointing=...)`), never
+# saved in config.json, so toggling them keeps the model's identity (and a resume) intact.
+RUNTIME_KEYS = ("gradient_checkpointing", "use_flash_attn")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -69,8 +73,6 @@ class HRMACTv1Config:
     num_experts_per_tok: int = 2
     moe_capacity_factor: float = 1.25
     moe_aux_loss_coef: float = 0.01
-    use_flash_attn: bool = False
-    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "seq_len", "hidden_size", "num_heads", "H_layers", "L_layers",
@@ -112,6 +114,8 @@ class HRMACTv1Config:
     @classmethod
     def from_dict(cls, data: dict) -> HRMACTv1Config:
         data = dict(data)
+        for key in RUNTIME_KEYS:  # written by aios 0.1, which kept runtime choices in the model config
+            data.pop(key, None)
         model_type = data.pop("model_type", MODEL_TYPE)
         if model_type != MODEL_TYPE:
             raise ValueError(f"config.json describes a {model_type!r} model, not {MODEL_TYPE!r}")
@@ -198,8 +202,15 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x * cos + rotate_half(x) * sin).to(dtype)
 
 
-def sliding_window_mask(length: int, window: int, device: torch.device) -> torch.Tensor:
-    """(S, S) bool, True where query i may attend key j: i - window < j <= i."""
+def sliding_window_mask(length: int, window: int, device: torch.device | str) -> torch.Tensor:
+    """(S, S) bool, True where query i may attend key j: i - window < j <= i.
+
+    Built once per (length, window, device) and shared by every attention call: read-only."""
+    return _window_mask(length, window, str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=32)
+def _window_mask(length: int, window: int, device: str) -> torch.Tensor:
     i = torch.arange(length, device=device)[:, None]
     j = torch.arange(length, device=device)[None, :]
     return (j <= i) & (j > i - window)
@@ -220,7 +231,7 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.causal = config.causal
         self.window = config.window_size
-        self.use_flash = config.use_flash_attn
+        self.use_flash = False  # a runtime choice: HRMACTv1(..., use_flash_attn=True)
         self.qkv_proj = Linear(config.hidden_size, 3 * config.hidden_size)  # q-heads, k-heads, v-heads
         self.o_proj = Linear(config.hidden_size, config.hidden_size)
 
@@ -342,7 +353,7 @@ class ReasoningModule(nn.Module):
     def __init__(self, config: HRMACTv1Config, num_layers: int):
         super().__init__()
         self.layers = nn.ModuleList(Block(config) for _ in range(num_layers))
-        self.gradient_checkpointing = config.gradient_checkpointing
+        self.gradient_checkpointing = False  # a runtime choice: HRMACTv1(..., gradient_checkpointing=True)
 
     def forward(self, z: torch.Tensor, injection: torch.Tensor, rotary) -> tuple[torch.Tensor, torch.Tensor]:
         h = z + injection
@@ -468,13 +479,23 @@ class HRMACTv1(nn.Module):
     `carry.current_data`. A training loop therefore refills just the halted rows (see `carry.halted`).
     """
 
-    def __init__(self, config: HRMACTv1Config):
+    def __init__(self, config: HRMACTv1Config, *, gradient_checkpointing: bool = False,
+                 use_flash_attn: bool = False):
         super().__init__()
         self.config = config
         self.inner = HRMInner(config)
-        if config.use_flash_attn and not flash_attn_available():
+        self.set_runtime(gradient_checkpointing=gradient_checkpointing, use_flash_attn=use_flash_attn)
+
+    def set_runtime(self, *, gradient_checkpointing: bool, use_flash_attn: bool) -> None:
+        """How the model runs (RUNTIME_KEYS): the same weights give the same results either way."""
+        if use_flash_attn and not flash_attn_available():
             log.warning("--use-flash-attn: flash-attn is not installed or CUDA is unavailable; "
                         "falling back to torch scaled_dot_product_attention")
+        for module in self.modules():
+            if isinstance(module, ReasoningModule):
+                module.gradient_checkpointing = gradient_checkpointing
+            elif isinstance(module, Attention):
+                module.use_flash = use_flash_attn
 
     def num_parameters(self, include_puzzle_embedding: bool = False) -> int:
         return sum(p.numel() for name, p in self.named_parameters()
@@ -560,11 +581,21 @@ def shift_labels(tokens: torch.Tensor, pad_mask: torch.Tensor | None = None) -> 
     return {"inputs": tokens[:, :-1].contiguous(), "labels": labels}
 
 
+def token_log_probs(logits: torch.Tensor, loss_type: str) -> torch.Tensor:
+    """log p(token) (..., V) under the model's own output distribution: the one its loss trains.
+
+    softmax: log_softmax in float32. stablemax: s(x) = x + 1 (x >= 0), 1 / (1 - x) (x < 0), normalised,
+    in float64 (a logit of -inf gets probability 0 under both)."""
+    if loss_type == "stablemax":
+        x = logits.to(torch.float64)
+        s = torch.where(x < 0, 1 / (1 - x), x + 1)
+        return torch.log(s / s.sum(-1, keepdim=True))
+    return F.log_softmax(logits.float(), dim=-1)
+
+
 def stablemax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-token loss (B, T) with stablemax s(x) = x + 1 (x >= 0), 1 / (1 - x) (x < 0), in float64."""
-    x = logits.to(torch.float64)
-    s = torch.where(x < 0, 1 / (1 - x), x + 1)
-    logprobs = torch.log(s / s.sum(-1, keepdim=True))
+    """Per-token loss (B, T) under stablemax (see `token_log_probs`), float64, 0 where labels are ignored."""
+    logprobs = token_log_probs(logits, "stablemax")
     valid = labels != IGNORE_LABEL_ID
     picked = logprobs.gather(-1, torch.where(valid, labels, 0).long().unsqueeze(-1)).squeeze(-1)
     return -torch.where(valid, picked, 0)
@@ -575,6 +606,12 @@ def softmax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
     loss = F.cross_entropy(logits.float().flatten(0, 1), labels.long().flatten(), ignore_index=IGNORE_LABEL_ID,
                            reduction="none")
     return loss.view(labels.shape)
+
+
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, loss_type: str) -> torch.Tensor:
+    """Per-token loss (B, T) of the model's `loss_type`: what training minimises and evaluation reports."""
+    loss_fn = stablemax_cross_entropy if loss_type == "stablemax" else softmax_cross_entropy
+    return loss_fn(logits, labels)
 
 
 def act_loss(carry: ACTCarry, outputs: dict[str, torch.Tensor], config: HRMACTv1Config):
@@ -609,8 +646,7 @@ def act_loss(carry: ACTCarry, outputs: dict[str, torch.Tensor], config: HRMACTv1
             "token_accuracy_all": token_acc.sum(),
         }
 
-    loss_fn = stablemax_cross_entropy if config.loss_type == "stablemax" else softmax_cross_entropy
-    lm_loss = (loss_fn(logits, labels) / divisor[:, None]).sum()
+    lm_loss = (token_cross_entropy(logits, labels, config.loss_type) / divisor[:, None]).sum()
     q_halt_loss = F.binary_cross_entropy_with_logits(q_halt, q_halt_target, reduction="sum")
     total = lm_loss + 0.5 * q_halt_loss
     q_continue_loss = torch.zeros((), device=labels.device)

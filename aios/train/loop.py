@@ -9,13 +9,13 @@ its row across steps until the row halts; only halted rows draw a new sample fro
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import random
 import resource
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,14 +23,14 @@ import numpy as np
 import torch
 
 from aios.bundle import BrainBundle
-from aios.config import TrainingConfig
+from aios.config import TrainingConfig, field_group
 from aios.data import ChunkSampler, PreparedDataset, prepare_dataset
 from aios.errors import AiosError
 from aios.inference import autocast_context, evaluate_lm
 from aios.models.hrm_act_v1 import ACTCarry, HRMACTv1, HRMACTv1Config, act_loss, shift_labels
 from aios.tokenizers import load_tokenizer, tokenizer_fingerprint
 from aios.train import checkpoint as ckpt
-from aios.train.optim import build_optimizer, build_scheduler
+from aios.train.optim import Schedule, build_optimizer, optimizer_kind_hint, set_hyperparameters
 from aios.train.session import Session
 
 log = logging.getLogger(__name__)
@@ -58,18 +58,19 @@ class TrainResult:
     unigram_entropy: float | None = None
 
 
+# TrainingConfig fields that set a model config field of another name (the rest match, ignoring case).
+_MODEL_FIELD_OF = {"max_seq_len": "seq_len"}
+
+
 def model_config_for(config: TrainingConfig, vocab_size: int) -> HRMACTv1Config:
-    return HRMACTv1Config(
-        vocab_size=vocab_size, seq_len=config.max_seq_len, hidden_size=config.hidden_size,
-        num_heads=config.num_heads, expansion=config.expansion, H_layers=config.h_layers,
-        L_layers=config.l_layers, H_cycles=config.h_cycles, L_cycles=config.l_cycles,
-        pos_encodings=config.pos_encodings, halt_max_steps=config.halt_max_steps,
-        halt_exploration_prob=config.halt_exploration_prob, causal=True, window_size=config.window_size,
-        loss_type=config.loss_type, use_moe=config.use_moe, num_experts=config.num_experts,
-        num_experts_per_tok=config.num_experts_per_tok, moe_capacity_factor=config.moe_capacity_factor,
-        moe_aux_loss_coef=config.moe_aux_loss_coef, use_flash_attn=config.use_flash_attn,
-        gradient_checkpointing=config.gradient_checkpointing,
-    )
+    """The model config of a run: every "Model" setting, by name, plus the sequence length and vocab."""
+    by_lower_name = {f.name.lower(): f.name for f in dataclasses.fields(HRMACTv1Config)}
+    values = {}
+    for name in TrainingConfig.model_fields:
+        if field_group(name) != "Model" and name not in _MODEL_FIELD_OF:
+            continue
+        values[_MODEL_FIELD_OF.get(name) or by_lower_name[name]] = getattr(config, name)
+    return HRMACTv1Config(vocab_size=vocab_size, causal=True, **values)
 
 
 def amp_dtype_for(config: TrainingConfig, device: torch.device) -> torch.dtype | None:
@@ -128,15 +129,16 @@ class Trainer:
             raise AiosError(f"prepared data has vocab {self.dataset.vocab_size} > tokenizer {vocab_size}: "
                             f"delete {self.dataset.path} and rerun")
         torch.manual_seed(config.seed)  # identical initial weights on every rank
-        self.model = HRMACTv1(model_config_for(config, vocab_size)).to(self.device)
+        self.model = HRMACTv1(model_config_for(config, vocab_size), gradient_checkpointing=config.gradient_checkpointing,
+                              use_flash_attn=config.use_flash_attn).to(self.device)
         torch.manual_seed(config.seed + self.rank)
         self.model.train()
         self.amp_dtype = amp_dtype_for(config, self.device)
-        self.optimizer = build_optimizer(self.model, name=config.optimizer, lr=config.lr,
-                                         weight_decay=config.weight_decay, use_8bit=config.use_8bit_optimizer,
-                                         device=self.device)
-        self.scheduler = build_scheduler(self.optimizer, warmup_steps=config.warmup_steps,
-                                         total_steps=config.steps, min_ratio=config.min_lr_ratio)
+        built = build_optimizer(self.model, name=config.optimizer, lr=config.lr, weight_decay=config.weight_decay,
+                                use_8bit=config.use_8bit_optimizer, device=self.device)
+        self.optimizer, self.optimizer_kind = built.optimizer, built.kind
+        self.schedule = Schedule(lr=config.lr, warmup_steps=config.warmup_steps, total_steps=config.steps,
+                                 min_ratio=config.min_lr_ratio)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
 
         self.micro_batch = config.batch_size
@@ -203,16 +205,16 @@ class Trainer:
         if state["dataset_fingerprint"] != self.dataset.fingerprint:
             raise AiosError(f"checkpoint {directory} trained on other data (fingerprint "
                             f"{state['dataset_fingerprint'][:12]}): resume with the same dataset and tokenizer")
-        if state["optimizer"] != cfg.optimizer:
-            raise AiosError(f"checkpoint {directory} was trained with --optimizer {state['optimizer']}: resume "
-                            f"with --optimizer {state['optimizer']} (its state does not carry over)")
+        if state["optimizer_kind"] != self.optimizer_kind:
+            raise AiosError(f"checkpoint {directory} holds {state['optimizer_kind']} optimizer state, this run "
+                            f"uses {self.optimizer_kind}: resume with {optimizer_kind_hint(state['optimizer_kind'])} "
+                            f"(optimizer state does not convert)")
         self.model.load_state_dict(ckpt.load_model_weights(directory, self.device))
         opt = ckpt.load_optimizer_state(directory)
         self.optimizer.load_state_dict(opt["optimizer"])
-        self.scheduler.load_state_dict(opt["scheduler"])
+        set_hyperparameters(self.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)  # flags typed on resume
         if self.scaler is not None and opt.get("scaler"):
             self.scaler.load_state_dict(opt["scaler"])
-        self._apply_hyperparameters()
         rng, carries, sampler_state = ckpt.load_rank_files(directory, self.rank, self.device)
         # The checkpoint's batch split, unless this run asks for a different one (same global batch): an OOM
         # back-off of the earlier run persists until then.
@@ -233,21 +235,6 @@ class Trainer:
         log.info("resumed from %s at step %d (micro-batch %d x %d)", directory, self.step, self.micro_batch,
                  self.grad_accum)
         return directory
-
-    def _apply_hyperparameters(self) -> None:
-        """After loading optimizer/scheduler state, use this run's --lr and --weight-decay (and --steps,
-        through the schedule): flags typed on resume take effect instead of being silently replaced."""
-        cfg = self.config
-        for group in self.optimizer.param_groups:
-            group["weight_decay"] = cfg.weight_decay
-            group["initial_lr"] = cfg.lr
-        sched = self.scheduler
-        sched.base_lrs = [cfg.lr] * len(self.optimizer.param_groups)
-        # LambdaLR.get_lr, written out: the same arithmetic, so an unchanged --lr resumes bit for bit.
-        lrs = [base * fn(sched.last_epoch) for fn, base in zip(sched.lr_lambdas, sched.base_lrs, strict=True)]
-        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
-            group["lr"] = lr
-        sched._last_lr = lrs
 
     # -- one optimizer step -----------------------------------------------------------------------------
     def train_step(self) -> dict | None:
@@ -306,7 +293,9 @@ class Trainer:
         cfg, model = self.config, self.model
         started = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
-        lr = self.scheduler.get_last_lr()[0]
+        lr = self.schedule(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         sums: dict[str, float] = {}
         new_carries, drawn = [], 0
         rows_per_rank = self.micro_batch * self.grad_accum
@@ -344,9 +333,6 @@ class Trainer:
             self.scaler.update()
         elif finite:
             self.optimizer.step()
-        with warnings.catch_warnings():  # a skipped first update makes torch warn about the call order
-            warnings.simplefilter("ignore", UserWarning)
-            self.scheduler.step()  # a skipped update is still a step of the schedule, as of the step counter
         if loss_finite if self.scaler is not None else finite:
             self.nonfinite_in_a_row = 0
         else:
@@ -403,13 +389,13 @@ class Trainer:
         staged = self.session.staging_dir(self.step)
         optimizer_state = state = None  # shared files: written by rank 0 only
         if self.is_main:
-            optimizer_state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            optimizer_state = {"optimizer": self.optimizer.state_dict(),
                                "scaler": self.scaler.state_dict() if self.scaler else None}
             state = {"step": self.step, "tokens_seen": self.tokens_seen, "samples_drawn": self.samples_drawn,
                      "world_size": self.world, "micro_batch": self.micro_batch, "grad_accum": self.grad_accum,
                      "config_micro_batch": self.config.batch_size,
                      "config_grad_accum": self.config.gradient_accumulation_steps,
-                     "optimizer": self.config.optimizer,
+                     "optimizer_kind": self.optimizer_kind,
                      "global_batch": self.global_batch, "nonfinite_in_a_row": self.nonfinite_in_a_row,
                      "nonfinite_total": self.nonfinite_total, "config_hash": self.config.config_hash(),
                      "model_config": self.model.config.to_dict(), "dataset_fingerprint": self.dataset.fingerprint,

@@ -160,7 +160,7 @@ def test_gradients_equal_a_hand_written_one_step_gradient():
 def test_gradient_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     plain = HRMACTv1(tiny_config())
-    ckpt = HRMACTv1(tiny_config(gradient_checkpointing=True))
+    ckpt = HRMACTv1(tiny_config(), gradient_checkpointing=True)
     ckpt.load_state_dict(plain.state_dict())
     batch = lm_batch(plain.config)
     for model in (plain, ckpt):
@@ -230,7 +230,7 @@ def test_windowed_attention_matches_an_explicit_softmax():
 
 def test_flash_attn_request_falls_back_loudly_on_cpu(caplog):
     with caplog.at_level(logging.WARNING):
-        model = HRMACTv1(tiny_config(use_flash_attn=True))
+        model = HRMACTv1(tiny_config(), use_flash_attn=True)
     assert "falling back to torch scaled_dot_product_attention" in caplog.text
     plain = HRMACTv1(tiny_config())
     plain.load_state_dict(model.state_dict())

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from aios.train.optim import AdamATan2, build_optimizer, build_scheduler, lr_lambda
+from aios.train.optim import AdamATan2, Schedule, build_optimizer, lr_lambda
 
 
 def test_adam_atan2_follows_the_reference_update():
@@ -44,17 +44,17 @@ def test_schedule_warms_up_linearly_then_follows_a_cosine_to_the_floor():
     assert values[4] == pytest.approx(1.0)
     assert values[9] == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the cosine
     assert values[14] == pytest.approx(0.1) and values[15] == pytest.approx(0.1)  # floor, not below
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
-    sched = build_scheduler(opt, warmup_steps=4, total_steps=14, min_ratio=0.1)
-    assert sched.get_last_lr() == [0.5]
+    schedule = Schedule(lr=2.0, warmup_steps=4, total_steps=14, min_ratio=0.1)
+    assert [schedule(s) for s in (0, 3, 14)] == [0.5, 2.0, 2.0 * values[14]]
 
 
 def test_optimizer_choice_and_loud_8bit_fallback(caplog):
     model = torch.nn.Linear(4, 4)
     cpu = torch.device("cpu")
-    assert isinstance(build_optimizer(model, name="adam-atan2", lr=1e-3, weight_decay=0.1, use_8bit=False,
-                                      device=cpu), AdamATan2)
+    built = build_optimizer(model, name="adam-atan2", lr=1e-3, weight_decay=0.1, use_8bit=False, device=cpu)
+    assert isinstance(built.optimizer, AdamATan2) and built.kind == "adam-atan2"
     with caplog.at_level(logging.WARNING):
-        opt = build_optimizer(model, name="adamw", lr=1e-3, weight_decay=0.1, use_8bit=True, device=cpu)
-    assert isinstance(opt, torch.optim.AdamW)
+        built = build_optimizer(model, name="adamw", lr=1e-3, weight_decay=0.1, use_8bit=True, device=cpu)
+    assert isinstance(built.optimizer, torch.optim.AdamW)
+    assert built.kind == "adamw"  # what the state really is, so a resume can tell 8-bit state from full
     assert "--use-8bit-optimizer needs CUDA" in caplog.text
