@@ -30,7 +30,7 @@ def config_parameters(config_cls: type[BaseModel]) -> list[inspect.Parameter]:
     for name, field in config_cls.model_fields.items():
         extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
         decls = flag_name(name)
-        if field.annotation is bool:
+        if field.annotation in (bool, bool | None):
             decls = f"{flag_name(name)}/{negative_flag_name(name)}"
         option = typer.Option(
             decls,

@@ -165,7 +165,9 @@ class TrainingConfig(BaseModel):
     # ---- Memory ---------------------------------------------------------------------------------------
     gradient_checkpointing: bool = setting(True, "Recompute activations in backward to save memory.", "Memory")
     use_flash_attn: bool = setting(False, "Use FlashAttention kernels when installed (CUDA).", "Memory")
-    amp: bool = setting(True, "Mixed precision autocast (see --amp-dtype).", "Memory")
+    amp: bool | None = setting(
+        None, "Mixed-precision autocast; unset = auto: bf16 where the GPU or CPU computes it natively, else "
+        "float32. --no-amp forces float32.", "Memory")
     amp_dtype: Literal["bf16", "fp16"] = setting(
         "bf16", "Autocast dtype with --amp: bf16 (CPU and CUDA) or fp16 with a GradScaler (CUDA only).", "Memory"
     )
@@ -267,7 +269,7 @@ class TrainingConfig(BaseModel):
                         f"{flag_name(name)} has no effect without --use-moe; add --use-moe or drop {flag_name(name)}",
                         name,
                     )
-        if not self.amp and self.amp_dtype != type(self).model_fields["amp_dtype"].default:
+        if self.amp is False and self.amp_dtype != type(self).model_fields["amp_dtype"].default:
             raise _setting_error("--amp-dtype has no effect with --no-amp; add --amp or drop --amp-dtype", "amp_dtype")
         return self
 

@@ -31,6 +31,7 @@ from aios.models.hrm_act_v1 import ACTCarry, HRMACTv1, HRMACTv1Config, act_loss,
 from aios.tokenizers import load_tokenizer, tokenizer_fingerprint
 from aios.train import checkpoint as ckpt
 from aios.train.optim import Schedule, build_optimizer, optimizer_kind_hint, set_hyperparameters
+from aios.train.precision import autocast_dtype
 from aios.train.session import Session
 
 log = logging.getLogger(__name__)
@@ -71,17 +72,6 @@ def model_config_for(config: TrainingConfig, vocab_size: int) -> HRMACTv1Config:
             continue
         values[_MODEL_FIELD_OF.get(name) or by_lower_name[name]] = getattr(config, name)
     return HRMACTv1Config(vocab_size=vocab_size, causal=True, **values)
-
-
-def amp_dtype_for(config: TrainingConfig, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CPU and CUDA; fp16 (with a GradScaler) on CUDA only."""
-    if not config.amp:
-        return None
-    if config.amp_dtype == "fp16":
-        if device.type == "cuda":
-            return torch.float16
-        log.warning("--amp-dtype fp16 needs CUDA (a GradScaler on CPU is not supported); using bf16 autocast")
-    return torch.bfloat16
 
 
 def peak_rss_mb() -> float:
@@ -133,7 +123,7 @@ class Trainer:
                               use_flash_attn=config.use_flash_attn).to(self.device)
         torch.manual_seed(config.seed + self.rank)
         self.model.train()
-        self.amp_dtype = amp_dtype_for(config, self.device)
+        self.amp_dtype = autocast_dtype(config.amp, config.amp_dtype, self.device)
         built = build_optimizer(self.model, name=config.optimizer, lr=config.lr, weight_decay=config.weight_decay,
                                 use_8bit=config.use_8bit_optimizer, device=self.device)
         self.optimizer, self.optimizer_kind = built.optimizer, built.kind

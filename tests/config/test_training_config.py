@@ -39,7 +39,7 @@ def test_defaults_are_valid_and_as_documented():
     config = TrainingConfig()
     assert (config.model, config.dataset_file, config.hidden_size, config.num_heads) == ("gpt2", None, 512, 8)
     assert (config.steps, config.batch_size, config.lr, config.optimizer) == (200, 8, 1e-4, "adamw")
-    assert (config.gradient_checkpointing, config.amp, config.progress) == (True, True, True)
+    assert (config.gradient_checkpointing, config.amp, config.progress) == (True, None, True)  # amp None = auto
     assert (config.brain_name, config.bundle_dir, config.device) == ("default", "artifacts/brains/actv1", "auto")
     assert config.unavailable_features() == []
 
@@ -282,7 +282,7 @@ def test_demo_cpu_preset():
     assert (config.hidden_size, config.num_heads, config.expansion) == (256, 4, 2.0)
     assert (config.h_layers, config.l_layers, config.h_cycles, config.l_cycles) == (1, 1, 2, 2)
     assert (config.max_seq_len, config.batch_size, config.halt_max_steps, config.steps) == (64, 16, 4, 1000)
-    assert (config.lr, config.warmup_steps, config.amp, config.gradient_checkpointing) == (2e-3, 50, False, False)
+    assert (config.lr, config.warmup_steps, config.amp, config.gradient_checkpointing) == (2e-3, 50, None, False)
     assert (config.eval_every, config.checkpoint_every, config.dataset_chunk_size, config.eval_batches) == (
         250, 250, 1024, 8)
     assert (config.text_mode, config.iterate) == ("document", True)
