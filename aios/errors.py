@@ -13,3 +13,13 @@ class AiosError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))  # always one line
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived before training began: the setup stops at once (nothing was trained or written).
+
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` in between swallows it."""
+
+    def __init__(self, signal_name: str = "SIGTERM"):
+        super().__init__(signal_name)
+        self.signal_name = signal_name

@@ -14,6 +14,8 @@ Loading for inference needs only config.json, model.safetensors and the tokenize
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import platform
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from aios.atomic import atomic_write_json, atomic_write_text
+from aios.atomic import atomic_write_json, atomic_write_text, fsync_dir, fsync_file
 from aios.errors import AiosError
 from aios.models.hrm_act_v1 import CONFIG_NAME, WEIGHTS_NAME, HRMACTv1
 
@@ -96,6 +98,23 @@ class BrainBundle:
         return None
 
     # -- write ------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold the bundle for one training run (an advisory lock on its directory): a second run on the same
+        brain, which would interleave checkpoints, is refused while this one lives."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise AiosError(f"brain '{self.name}' is being trained by another process ({self.root}): wait for "
+                            f"it to finish, or choose another --brain-name") from None
+        try:
+            yield self
+        finally:
+            os.close(fd)  # releases the lock
+
     def write_model(self, model: HRMACTv1) -> None:
         model.save_pretrained(self.root)  # each file written atomically
 
@@ -104,7 +123,9 @@ class BrainBundle:
         with tempfile.TemporaryDirectory(dir=self.root, prefix=".tokenizer-") as tmp:
             tokenizer.save_pretrained(tmp)
             for file in Path(tmp).iterdir():
+                fsync_file(file)
                 os.replace(file, self.root / file.name)
+        fsync_dir(self.root)
 
     def write_training_args(self, config) -> None:
         atomic_write_text(self.root / TRAINING_ARGS, config.to_json() + "\n")
@@ -112,11 +133,13 @@ class BrainBundle:
     def write_tracker(self, progress: dict) -> None:
         atomic_write_json(self.root / TRACKER, {**progress, "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
 
-    def update_metadata(self, **fields) -> dict:
+    def update_metadata(self, *, created: float | None = None, **fields) -> dict:
+        """Merge `fields` into metadata.json; `created` (unix time the brain's first run started) is kept
+        from the first write on."""
         meta = self.metadata()
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         meta.setdefault("name", self.name)
-        meta.setdefault("created", now)
+        meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created)) if created else now)
         meta.update(fields, updated=now, versions=package_versions())
         atomic_write_json(self.root / METADATA, meta)
         return meta

@@ -84,9 +84,12 @@ def train_actv1(ctx: typer.Context, config: str | None, print_config: bool, **fl
     if print_config:
         typer.echo(training_config.to_json(), nl=False)
         return None
-    from aios.train import launch  # imported here: --help and --print-config must not pay for torch
+    from aios.train import already_reached_message, launch  # here: --help must not pay for torch
 
     result = launch(training_config)
+    if result.reason == "already_reached":
+        typer.echo(already_reached_message(training_config, result.step))
+        return None
     summary = f"{result.reason}: {result.step} steps; bundle {result.bundle}"
     if result.final_eval:
         ev = result.final_eval

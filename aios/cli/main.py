@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from aios import __version__
-from aios.errors import AiosError
+from aios.errors import AiosError, Terminated
 
 # Nothing is ever downloaded at run time: tokenizers and models resolve from local files only.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -67,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return exc.exit_code
+    except Terminated as exc:  # before training began: nothing was trained or written
+        err_console.print(f"[bold]stopped:[/] {exc.signal_name} before training started; nothing was trained",
+                          highlight=False)
+        return 0
     except KeyboardInterrupt:
         if _state["debug"]:
             raise

@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from aios.atomic import atomic_write, atomic_write_json
+from aios.hashing import tensors_digest
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ WEIGHTS_NAME = "model.safetensors"
 # How the model runs, not what it is: set per run (`HRMACTv1(config, gradient_checkpointing=...)`), never
 # saved in config.json, so toggling them keeps the model's identity (and a resume) intact.
 RUNTIME_KEYS = ("gradient_checkpointing", "use_flash_attn")
+DIGEST_KEY = "aios_tensors_sha256"  # in the safetensors header: `tensors_digest` of the weights
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -555,17 +557,24 @@ class HRMACTv1(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(state, path, metadata={"format": "pt"}))
+        metadata = {"format": "pt", DIGEST_KEY: tensors_digest(state)}  # checked by from_pretrained
+        atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(state, path, metadata=metadata))
         atomic_write_json(directory / CONFIG_NAME, self.config.to_dict())
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> HRMACTv1:
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         directory = Path(directory)
         config = HRMACTv1Config.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
         model = cls(config)
-        model.load_state_dict(load_file(directory / WEIGHTS_NAME, device=str(device)))
+        state = load_file(directory / WEIGHTS_NAME)
+        with safe_open(directory / WEIGHTS_NAME, framework="pt") as f:
+            recorded = (f.metadata() or {}).get(DIGEST_KEY)
+        if recorded is not None and recorded != tensors_digest(state):
+            raise ValueError(f"{WEIGHTS_NAME} does not match the checksum in its header (a torn or altered write)")
+        model.load_state_dict(state)
         return model.to(device)
 
 

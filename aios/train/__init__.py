@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from aios.config import TrainingConfig
@@ -16,10 +17,15 @@ log = logging.getLogger(__name__)
 
 
 def launch(config: TrainingConfig, callbacks=None):
-    """Validate what the run needs, then train in this process. Returns the `TrainResult`."""
+    """Check what the run needs, then train in this process. Returns the `TrainResult`.
+
+    Everything a user can get wrong is refused before anything is written. A resume whose --steps is
+    already reached changes nothing and returns reason "already_reached".
+    """
     from aios.bundle import BrainBundle
     from aios.models.hrm_act_v1 import WEIGHTS_NAME
-    from aios.train.loop import Trainer
+    from aios.train.checkpoint import newest_intact_checkpoint, remove_leftovers, saved_step
+    from aios.train.loop import Trainer, TrainResult
     from aios.train.session import LocalSession, resolve_device
 
     unavailable = config.unavailable_features()
@@ -29,36 +35,83 @@ def launch(config: TrainingConfig, callbacks=None):
         raise AiosError("--dataset-file is required: pass a .txt/.jsonl/.csv file, directory or glob "
                         "(e.g. training_data/curated_datasets/test_sample.txt)")
     bundle = BrainBundle.for_run(config.bundle_dir, config.brain_name)
-    _check_output_paths(config, bundle.root)
     checkpoints = bundle.checkpoints_dir
     has_work = (bundle.root / WEIGHTS_NAME).exists() or (checkpoints.is_dir() and any(
-        p.name.startswith("step-") for p in checkpoints.iterdir()))
+        p.name.startswith("step-") for p in checkpoints.iterdir()))  # set-aside ones too: trained work
     if has_work and not config.resume:
         raise AiosError(f"brain '{config.brain_name}' already holds a trained model in {bundle.root}: pass "
                         f"--resume to continue it, or choose a new --brain-name")
+    if config.resume and has_work:
+        newest = newest_intact_checkpoint(checkpoints)
+        reached = saved_step(newest) if newest is not None else None
+        if reached is not None and reached >= config.steps:
+            return TrainResult(step=reached, reason="already_reached", final_eval=None, bundle=bundle.root)
     if config.resume and not has_work:
         log.warning("--resume: brain '%s' has no checkpoint yet; starting a new run", config.brain_name)
-    session = LocalSession(checkpoints, device=resolve_device(config.device),
-                           keep_checkpoints=config.keep_checkpoints, resume=config.resume,
-                           stop_file=config.stop_file, require_checkpoint=has_work)
-    try:
-        trainer = Trainer(config, session, callbacks)  # data preparation: Ctrl-C interrupts it as usual
-        with session.handle_signals():
-            result = trainer.run()
-    finally:
-        session.close()
-    if result.reason == "stop" and config.stop_file and Path(config.stop_file).exists():
-        Path(config.stop_file).unlink()  # consumed, so that `--resume` does not stop at once
+    _check_output_paths(config, bundle.root, resuming=has_work)
+    _check_stop_file(config.stop_file)
+    device = resolve_device(config.device)
+
+    session = LocalSession(checkpoints, device=device, keep_checkpoints=config.keep_checkpoints,
+                           resume=config.resume, stop_file=config.stop_file, require_checkpoint=has_work)
+    with bundle.lock(), session.handle_signals():  # SIGTERM from here on: a clean exit (see LocalSession)
+        remove_leftovers(checkpoints)
+        try:
+            result = Trainer(config, session, callbacks).run()
+        finally:
+            session.close()
+        if result.reason == "stop":
+            session.consume_stop_file()
     return result
 
 
-def _check_output_paths(config: TrainingConfig, bundle_root: Path) -> None:
-    """Refuse output locations that exist as the wrong kind of thing, before any work."""
-    for flag, path in (("--bundle-dir", Path(config.bundle_dir)), ("--data-cache-dir", Path(config.data_cache_dir))):
-        if path.exists() and not path.is_dir():
-            raise AiosError(f"{flag} {path} is a file, not a directory: pass a directory path")
+def already_reached_message(config: TrainingConfig, step: int) -> str:
+    return (f"brain '{config.brain_name}' is at step {step}; --steps {config.steps} is already reached: "
+            f"nothing to train (pass a larger --steps to continue it)")
+
+
+def _writable_dir(flag: str, path: Path, what: str = "") -> None:
+    """Create `path` (and its parents) or refuse in one line naming the path and the reason."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise AiosError(f"{flag} {path}{what} is a file, not a directory: pass a directory path") from None
+    except OSError as exc:
+        raise AiosError(f"{flag} {path}{what}: cannot create it ({exc.strerror or exc}); pass a directory you "
+                        f"can write to") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise AiosError(f"{flag} {path}{what}: no permission to write there; pass a directory you can write to")
+
+
+def _check_output_paths(config: TrainingConfig, bundle_root: Path, *, resuming: bool) -> None:
+    """Every output location can be created and written, and is the right kind of thing, before any work."""
+    _writable_dir("--bundle-dir", Path(config.bundle_dir))
+    _writable_dir("--data-cache-dir", Path(config.data_cache_dir))
     if bundle_root.exists() and not bundle_root.is_dir():
         raise AiosError(f"the bundle path {bundle_root} is a file: remove it or choose another --brain-name")
-    if config.log_file and Path(config.log_file).is_dir():
-        raise AiosError(f"--log-file {config.log_file} is a directory: pass a file path such as "
-                        f"{Path(config.log_file) / 'metrics.jsonl'}")
+    if config.log_file:
+        log_file = Path(config.log_file)
+        if log_file.is_dir():
+            raise AiosError(f"--log-file {log_file} is a directory: pass a file path such as "
+                            f"{log_file / 'metrics.jsonl'}")
+        _writable_dir("--log-file", log_file.parent, f" (the directory of {log_file})")
+        if log_file.exists() and not resuming:
+            raise AiosError(f"--log-file {log_file} already exists: pass a new file (a --resume of this brain "
+                            f"continues its own log)")
+        if log_file.exists() and not os.access(log_file, os.W_OK):
+            raise AiosError(f"--log-file {log_file}: no permission to write it; pass a file you can write")
+
+
+def _check_stop_file(stop_file: str | None) -> None:
+    """The stop file must not exist yet: only one that appears during the run is a request (and removed)."""
+    if not stop_file:
+        return
+    path = Path(stop_file)
+    if path.is_dir():
+        raise AiosError(f"--stop-file {path} is a directory: pass the path of a file that does not exist yet")
+    if os.path.lexists(path):
+        raise AiosError(f"--stop-file {path}: the stop file already exists; remove it first (aios removes only a "
+                        f"stop file that appears during the run)")
+    if not path.parent.is_dir():
+        raise AiosError(f"--stop-file {path}: its directory {path.parent} does not exist; create it or pass "
+                        f"another path")

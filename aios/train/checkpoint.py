@@ -4,39 +4,53 @@ One directory per saved step (DESIGN.md):
 
     step-000120/
       model.safetensors          weights (float32 master copy)
-      optimizer.pt               optimizer + scheduler + scaler state (tensors and plain types only)
+      optimizer.pt               optimizer + scaler state (tensors and plain types only)
       rng-rank{r}.pt             torch / cuda / numpy / python RNG states of rank r
       carry-rank{r}.safetensors  the ACT carries of rank r (one per accumulation micro-step)
       sampler-rank{r}.json       the chunk sampler's cursor of rank r
-      state.json                 step, epoch, tokens seen, world size, config hash, ...
+      state.json                 format, step, counters, batch layout, identity of model, data, optimizer
       COMPLETE                   written last: sha256 and size of every file above
 
-A directory is built under a temporary name and renamed into place, and a checkpoint counts only when
-COMPLETE exists and every file matches its recorded hash, so a crash or a truncated copy is never
-mistaken for a checkpoint. Invalid ones are skipped with a warning and never deleted.
+A directory is built under a staging name (`.staging-*` beside the checkpoints), every file is flushed to
+disk, COMPLETE is written last, and the directory is renamed into place. A checkpoint counts only when
+COMPLETE exists and every file matches its recorded hash; one that passes that check but cannot be loaded
+(`CheckpointUnusable`) is treated the same way. Invalid ones are moved aside, never deleted; pruning deletes
+only intact ones; symbolic links are never followed, moved or deleted (aios did not make them).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from aios import jsonio
+from aios.atomic import exchange_dirs, fsync_dir, fsync_file, fsync_tree
+from aios.errors import AiosError
 from aios.hashing import sha256_file
 from aios.models.hrm_act_v1 import ACTCarry
 
 log = logging.getLogger(__name__)
 
+FORMAT = 2  # of state.json and the files beside it; 1 was aios 0.1 (tokens_seen, scheduler state)
 COMPLETE = "COMPLETE"
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
+STAGING_PREFIX = ".staging-"
+_LEFTOVER_PREFIXES = (STAGING_PREFIX, ".replaced-")  # what killed runs (of this or older versions) leave
+
+
+class CheckpointUnusable(Exception):
+    """A sealed checkpoint whose content cannot be used (unreadable file, bad values): like corruption."""
 
 
 def step_dir_name(step: int) -> str:
@@ -75,7 +89,7 @@ def restore_rng_state(state: dict) -> None:
 
 def write_checkpoint_files(directory: Path, *, rank: int, model: torch.nn.Module | None, optimizer_state: dict | None,
                            carries: list[ACTCarry], sampler_state: dict, state: dict | None) -> None:
-    """Write this rank's files into `directory` (rank 0 also writes the shared ones)."""
+    """Write this rank's files into `directory` (rank 0 also writes the shared ones), flushed to disk."""
     directory.mkdir(parents=True, exist_ok=True)
     if model is not None:
         weights = {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.detach().cpu()
@@ -88,34 +102,50 @@ def write_checkpoint_files(directory: Path, *, rank: int, model: torch.nn.Module
     for i, carry in enumerate(carries):
         flat.update({f"{i}.{k}": v.cpu() for k, v in carry.state_dict().items()})
     save_file(flat, directory / f"carry-rank{rank}.safetensors")
-    (directory / f"sampler-rank{rank}.json").write_text(json.dumps(sampler_state, indent=1) + "\n")
+    (directory / f"sampler-rank{rank}.json").write_text(jsonio.dumps(sampler_state, indent=1) + "\n")
     if state is not None:
-        (directory / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+        (directory / "state.json").write_text(jsonio.dumps({"format": FORMAT, **state}, indent=2, sort_keys=True)
+                                              + "\n")
+    fsync_tree(directory)
 
 
 def seal_checkpoint(directory: Path) -> None:
-    """Write COMPLETE (hashes of every file) last: from then on the directory is a checkpoint."""
+    """Write COMPLETE (hashes of every file) last, durably: from then on the directory is a checkpoint."""
     files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
              for p in sorted(directory.iterdir()) if p.is_file() and p.name != COMPLETE}
     tmp = directory / f".{COMPLETE}.tmp"
     tmp.write_text(json.dumps({"files": files}, indent=1) + "\n")
+    fsync_file(tmp)
     tmp.replace(directory / COMPLETE)
+    fsync_dir(directory)
 
 
 def publish_checkpoint(staged: Path, checkpoints_dir: Path, step: int, keep: int) -> Path:
-    """Move a sealed staging directory into `checkpoints_dir/step-N` atomically; keep the newest `keep`."""
+    """Move a sealed staging directory into `checkpoints_dir/step-N`; keep the newest `keep` intact ones.
+
+    There is never a moment without an intact newest checkpoint: a valid step-N saved again is swapped
+    with the new one in one atomic rename (Linux), or kept where the filesystem cannot swap.
+    """
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoints_dir / step_dir_name(step)
-    previous = None
-    if final.exists():  # the same step saved again (e.g. a resume that ends where it started)
-        if verify_checkpoint(final) is None:
-            previous = final.with_name(f".replaced-{final.name}-{int(time.time())}")
-            final.rename(previous)  # dropped only once the new copy is in place
+    if final.is_symlink():
+        shutil.rmtree(staged, ignore_errors=True)
+        raise AiosError(f"{final} is a symbolic link that aios did not create, in the place of this run's "
+                        f"checkpoint: move it out of {checkpoints_dir} and resume")
+    if not final.exists():
+        os.replace(staged, final)
+    elif verify_checkpoint(final) is None:
+        if exchange_dirs(staged, final):
+            fsync_dir(checkpoints_dir)
+            shutil.rmtree(staged)  # the previous copy of this step, now under the staging name
         else:
-            set_aside(final, "invalid")
-    shutil.move(str(staged), final)  # a rename: staging lives beside the checkpoints
-    if previous is not None:
-        shutil.rmtree(previous)
+            log.warning("checkpoint %s exists and this filesystem cannot swap directories atomically: keeping "
+                        "it and dropping the new copy of the same step", final)
+            shutil.rmtree(staged)
+    else:
+        set_aside(final, "invalid")
+        os.replace(staged, final)
+    fsync_dir(checkpoints_dir)
     prune_checkpoints(checkpoints_dir, keep)
     return final
 
@@ -125,24 +155,53 @@ def set_aside(directory: Path, reason: str) -> Path:
     aside = directory.with_name(f"{directory.name}.{reason}-{int(time.time())}")
     log.warning("moving checkpoint %s aside to %s", directory, aside.name)
     directory.rename(aside)
+    fsync_dir(directory.parent)
     return aside
 
 
 def prune_checkpoints(checkpoints_dir: Path, keep: int) -> None:
-    """Delete intact checkpoints beyond the newest `keep` intact ones; invalid ones are never deleted."""
+    """Delete intact checkpoints beyond the newest `keep` intact ones; invalid ones and links are never deleted."""
     intact = [p for p in list_checkpoints(checkpoints_dir) if verify_checkpoint(p) is None]
     for old in intact[:-keep]:
         shutil.rmtree(old)
 
 
+def remove_leftovers(checkpoints_dir: Path) -> int:
+    """Delete staging directories that killed runs left behind (call it while holding the bundle's lock, so
+    no live run owns them). Returns how many were removed."""
+    if not checkpoints_dir.is_dir():
+        return 0
+    removed = 0
+    for path in checkpoints_dir.iterdir():
+        if path.name.startswith(_LEFTOVER_PREFIXES) and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+    if removed:
+        log.info("removed %d unfinished checkpoint staging director%s left by earlier runs in %s", removed,
+                 "y" if removed == 1 else "ies", checkpoints_dir)
+    return removed
+
+
 # -- read -------------------------------------------------------------------------------------------
+
+_warned_links: set[str] = set()
 
 
 def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
-    """step-N directories, oldest first."""
+    """step-N directories, oldest first. Symbolic links are not aios's checkpoints: skipped, with a warning."""
     if not checkpoints_dir.is_dir():
         return []
-    found = [p for p in checkpoints_dir.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
+    found = []
+    for path in checkpoints_dir.iterdir():
+        if not STEP_DIR.match(path.name):
+            continue
+        if path.is_symlink():
+            if str(path) not in _warned_links:
+                _warned_links.add(str(path))
+                log.warning("ignoring %s: a symbolic link, not a checkpoint this run wrote (it is left alone)", path)
+            continue
+        if path.is_dir():
+            found.append(path)
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
@@ -165,50 +224,110 @@ def verify_checkpoint(directory: Path) -> str | None:
 def _verify_files(directory: Path, marker: Path) -> str | None:
     try:
         files = json.loads(marker.read_text())["files"]
-    except (ValueError, KeyError) as exc:
-        return f"unreadable COMPLETE marker ({exc})"
-    for name, expected in files.items():
-        path = directory / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != expected["bytes"] or sha256_file(path) != expected["sha256"]:
-            return f"{name} does not match its recorded sha256"
+        for name, expected in files.items():
+            path = directory / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != expected["bytes"] or sha256_file(path) != expected["sha256"]:
+                return f"{name} does not match its recorded sha256"
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
+        return f"unreadable COMPLETE marker ({type(exc).__name__}: {exc})"
     return None
 
 
-def find_latest_checkpoint(checkpoints_dir: Path, set_aside_invalid: bool = False) -> Path | None:
-    """The newest intact checkpoint. Newer invalid ones are reported, skipped and (when resuming) set
-    aside as step-N.invalid-<time>, so that later saves and pruning never mistake them for progress."""
+def newest_intact_checkpoint(checkpoints_dir: Path) -> Path | None:
+    """The newest checkpoint that passes its hash check; changes nothing (see the session for fallbacks)."""
     for candidate in reversed(list_checkpoints(checkpoints_dir)):
-        problem = verify_checkpoint(candidate)
-        if problem is None:
+        if verify_checkpoint(candidate) is None:
             return candidate
-        log.warning("skipping checkpoint %s: %s; trying the previous one", candidate, problem)
-        if set_aside_invalid:
-            set_aside(candidate, "invalid")
     return None
 
 
-def load_state(directory: Path) -> dict:
-    return json.loads((directory / "state.json").read_text())
+def saved_step(directory: Path) -> int | None:
+    """The step a checkpoint holds, or None if its state.json cannot tell."""
+    try:
+        step = json.loads((directory / "state.json").read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
-def load_model_weights(directory: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    return load_file(directory / "model.safetensors", device=str(device))
+# What state.json must hold, and of which type (bool is not an int here).
+_STATE_FIELDS: dict[str, type] = {
+    "format": int, "step": int, "samples_drawn": int, "sample_tokens_seen": int, "segment_tokens_seen": int,
+    "nonfinite_in_a_row": int, "nonfinite_total": int, "world_size": int, "micro_batch": int, "grad_accum": int,
+    "config_micro_batch": int, "config_grad_accum": int, "global_batch": int, "epoch": int, "seed": int,
+    "optimizer_kind": str, "config_hash": str, "dataset_fingerprint": str, "model_config": dict,
+}
+_POSITIVE = ("world_size", "micro_batch", "grad_accum", "config_micro_batch", "config_grad_accum", "global_batch")
 
 
-def load_optimizer_state(directory: Path) -> dict:
-    return torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
+def _check_state(state: object) -> dict:
+    if not isinstance(state, dict):
+        raise CheckpointUnusable("state.json does not hold a JSON object")
+    version = state.get("format")
+    if version != FORMAT:
+        if isinstance(version, int) and version > FORMAT:
+            raise AiosError(f"checkpoint format {version} is newer than this aios reads ({FORMAT}): upgrade aios")
+        if "format" not in state or (isinstance(version, int) and version < FORMAT):
+            raise AiosError(f"the checkpoint was written by an older aios (format {version or 1}, this aios reads "
+                            f"{FORMAT}): continue it with that version, or train a new --brain-name")
+        raise CheckpointUnusable(f"state.json has format {version!r}")
+    for name, kind in _STATE_FIELDS.items():
+        value = state.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise CheckpointUnusable(f"state.json: {name} is {value!r}, not a {kind.__name__}")
+        if kind is int and value < (1 if name in _POSITIVE else 0):
+            raise CheckpointUnusable(f"state.json: {name} is {value}")
+    if state["micro_batch"] * state["grad_accum"] * state["world_size"] != state["global_batch"]:
+        raise CheckpointUnusable("state.json: micro_batch x grad_accum x world_size is not global_batch")
+    return state
 
 
-def load_rank_files(directory: Path, rank: int, device: torch.device | str = "cpu"):
-    """(rng state, carries, sampler state) of one rank."""
-    rng = torch.load(directory / f"rng-rank{rank}.pt", map_location="cpu", weights_only=True)
-    flat = load_file(directory / f"carry-rank{rank}.safetensors", device=str(device))
-    grouped: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in flat.items():
-        index, name = key.split(".", 1)
-        grouped.setdefault(int(index), {})[name] = value
-    carries = [ACTCarry.from_state_dict(grouped[i]) for i in sorted(grouped)]
-    sampler_state = json.loads((directory / f"sampler-rank{rank}.json").read_text())
-    return rng, carries, sampler_state
+@dataclass
+class Checkpoint:
+    """One rank's view of a loaded checkpoint: plain values and CPU/device tensors, not yet applied."""
+
+    directory: Path
+    state: dict
+    weights: dict[str, torch.Tensor]
+    optimizer_state: dict
+    rng: dict
+    carries: list[ACTCarry]
+    sampler_state: dict
+
+
+def read_state(directory: Path) -> dict:
+    """state.json, checked; CheckpointUnusable when it is unusable, AiosError when it is from another version."""
+    try:
+        state = json.loads((directory / "state.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointUnusable(f"state.json is unreadable ({type(exc).__name__}: {exc})") from None
+    return _check_state(state)
+
+
+def read_checkpoint(directory: Path, rank: int, device: torch.device | str = "cpu") -> Checkpoint:
+    """Load every file of a checkpoint that this rank needs. Any file that does not load (a value torch's
+    weights_only loader refuses, a broken safetensors header, bad JSON) raises CheckpointUnusable."""
+    state = read_state(directory)
+    try:
+        weights = load_file(directory / "model.safetensors", device=str(device))
+        optimizer_state = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
+        rng = torch.load(directory / f"rng-rank{rank}.pt", map_location="cpu", weights_only=True)
+        flat = load_file(directory / f"carry-rank{rank}.safetensors", device=str(device))
+        grouped: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in flat.items():
+            index, name = key.split(".", 1)
+            grouped.setdefault(int(index), {})[name] = value
+        carries = [ACTCarry.from_state_dict(grouped[i]) for i in sorted(grouped)]
+        sampler_state = json.loads((directory / f"sampler-rank{rank}.json").read_text())
+        if not isinstance(optimizer_state, dict) or "optimizer" not in optimizer_state:
+            raise ValueError("optimizer.pt holds no optimizer state")
+        if not isinstance(rng, dict) or not isinstance(sampler_state, dict):
+            raise ValueError("the RNG or sampler file holds no state")
+    except (MemoryError, torch.cuda.OutOfMemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure to load is treated like corruption
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointUnusable(f"{type(exc).__name__}: {reason}"[:300]) from exc
+    return Checkpoint(directory, state, weights, optimizer_state, rng, carries, sampler_state)

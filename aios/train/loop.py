@@ -1,16 +1,21 @@
 """The worker loop: one HRM ACT v1 training run on one rank. Pure PyTorch; it never imports ray.
 
-Whoever runs it passes a `Session` (rank, world size, device, restore, report, stop_requested): the
+Whoever runs it passes a `Session` (rank, world size, device, restore, report, stop requests): the
 in-process `LocalSession` here, the Ray runner on a cluster.
 
 ACT streaming. One optimizer step runs one segment for every row of every micro-batch. A sample stays in
 its row across steps until the row halts; only halted rows draw a new sample from the chunk sampler.
+
+A step is a transaction. Nothing it does is kept until it has completed: if CUDA runs out of memory at any
+point (forward, backward, unscale, clip, inside the optimizer step), the sampler, carries, RNG, gradients,
+optimizer and GradScaler state are put back exactly, the micro-batch is halved (accumulation doubled, the
+global batch and the sample order unchanged) and the step runs again, so the run continues bit for bit as
+one that had the smaller micro-batch from that step on.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import random
@@ -30,21 +35,30 @@ from aios.inference import autocast_context, evaluate_lm
 from aios.models.hrm_act_v1 import ACTCarry, HRMACTv1, HRMACTv1Config, act_loss, shift_labels
 from aios.tokenizers import load_tokenizer, tokenizer_fingerprint
 from aios.train import checkpoint as ckpt
-from aios.train.optim import Schedule, build_optimizer, optimizer_kind_hint, set_hyperparameters
-from aios.train.precision import autocast_dtype
+from aios.train.metrics import Console, MetricsLog, NullLog
+from aios.train.optim import (
+    OptimizerTransaction,
+    Schedule,
+    build_optimizer,
+    optimizer_kind_hint,
+    set_hyperparameters,
+)
+from aios.train.precision import autocast_dtype, dtype_name
 from aios.train.session import Session
 
 log = logging.getLogger(__name__)
 
 HOLDOUT_FRACTION = 0.05  # held-out tail of the training text when no --eval-file is given
 MAX_NONFINITE_STEPS = 10  # consecutive skipped steps before the run gives up
+FAULT_POINTS = ("forward", "backward", "unscale", "clip", "optimizer_step")
 
 
 class TrainCallbacks:
     """Hooks for tests and tools; the defaults do nothing."""
 
-    def before_micro_step(self, trainer: Trainer, micro_step: int) -> None:
-        """Called before each micro-batch forward (e.g. to inject a fault)."""
+    def at(self, trainer: Trainer, point: str, micro_step: int | None) -> None:
+        """Called at each point of a step where it can fail (FAULT_POINTS; `micro_step` for forward and
+        backward), e.g. to inject an out-of-memory error."""
 
     def after_step(self, trainer: Trainer, record: dict) -> None:
         """Called after each completed optimizer step with its metrics record."""
@@ -53,10 +67,23 @@ class TrainCallbacks:
 @dataclass
 class TrainResult:
     step: int
-    reason: str  # steps | end_of_data | stop
+    reason: str  # steps | end_of_data | stop | already_reached
     final_eval: dict | None
     bundle: Path
     unigram_entropy: float | None = None
+    trained_steps: int = 0  # optimizer steps of this attempt
+
+
+@dataclass
+class Counters:
+    """How far the run is; saved in every checkpoint's state.json."""
+
+    step: int = 0
+    samples_drawn: int = 0
+    sample_tokens_seen: int = 0  # tokens of the samples drawn, each sample counted once (data seen)
+    segment_tokens_seen: int = 0  # tokens processed, each row counted on every segment (compute)
+    nonfinite_in_a_row: int = 0
+    nonfinite_total: int = 0
 
 
 # TrainingConfig fields that set a model config field of another name (the rest match, ignoring case).
@@ -78,23 +105,21 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-class MetricsLog:
-    """Append-only JSONL; one record per line, flushed as written."""
-
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self.file = open(path, "a", buffering=1)
-
-    def write(self, record: dict) -> None:
-        self.file.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
-
-    def close(self) -> None:
-        self.file.close()
+def _nonfinite_weights(model: torch.nn.Module) -> list[str]:
+    """Names of parameters holding NaN or infinity (one reduction per tensor, one host read in all)."""
+    named = list(model.named_parameters())
+    finite = torch.stack([p.detach().isfinite().all() for _, p in named]).tolist()
+    return [name for (name, _), ok in zip(named, finite, strict=True) if not ok]
 
 
-def _finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None
+@dataclass
+class _SavePoint:
+    """What a step changes before it completes, as it was before the step."""
+
+    sampler: dict
+    carries: list[ACTCarry]
+    halted: list[np.ndarray]
+    rng: dict
 
 
 class Trainer:
@@ -106,6 +131,7 @@ class Trainer:
         self.device = session.device
         self.is_main = self.rank == 0
         self.bundle = BrainBundle.for_run(config.bundle_dir, config.brain_name)
+        self.started_at = time.time()
 
         random.seed(config.seed + self.rank)
         np.random.seed(config.seed + self.rank)
@@ -123,26 +149,30 @@ class Trainer:
                               use_flash_attn=config.use_flash_attn).to(self.device)
         torch.manual_seed(config.seed + self.rank)
         self.model.train()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.amp_dtype = autocast_dtype(config.amp, config.amp_dtype, self.device)
         built = build_optimizer(self.model, name=config.optimizer, lr=config.lr, weight_decay=config.weight_decay,
                                 use_8bit=config.use_8bit_optimizer, device=self.device)
         self.optimizer, self.optimizer_kind = built.optimizer, built.kind
+        self.transaction = OptimizerTransaction(self.optimizer, self.params)
         self.schedule = Schedule(lr=config.lr, warmup_steps=config.warmup_steps, total_steps=config.steps,
                                  min_ratio=config.min_lr_ratio)
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
 
         self.micro_batch = config.batch_size
         self.grad_accum = config.gradient_accumulation_steps
         self.sampler = self._new_sampler()
-        self.carries = [self._empty_carry() for _ in range(self.grad_accum)]
-        self.step = 0
-        self.tokens_seen = 0
-        self.samples_drawn = 0
-        self.nonfinite_in_a_row = 0
-        self.nonfinite_total = 0
+        self._set_carries([self._empty_carry() for _ in range(self.grad_accum)])
+        self.counters = Counters()
         self.last_eval: dict | None = None
         self.unigram_entropy = self.dataset.unigram_entropy() if self.is_main else None
-        self.restored_from = self._restore()
+        self.log: MetricsLog | NullLog = NullLog()
+        self.console = Console(False, total=config.steps, start=0)
+        self.restored_from = self.session.restore(self._load_checkpoint)
+
+    @property
+    def step(self) -> int:
+        return self.counters.step
 
     # -- setup ------------------------------------------------------------------------------------------
     def _prepare_data(self) -> tuple[PreparedDataset, PreparedDataset]:
@@ -173,19 +203,35 @@ class Trainer:
         template["labels"] = template["inputs"].clone()
         return self.model.initial_carry(template)
 
+    def _set_carries(self, carries: list[ACTCarry]) -> None:
+        """The rows' ACT state, and on the host which rows halted (the sampler refills those): read here,
+        where the device is idle anyway, so that a step does not wait for it."""
+        self.carries = carries
+        self.halted = [carry.halted.cpu().numpy() for carry in carries]
+
     @property
     def global_batch(self) -> int:
         return self.micro_batch * self.grad_accum * self.world
 
-    def _restore(self) -> Path | None:
-        directory = self.session.restore()
-        if directory is None:
-            return None
-        cfg = self.config
-        state = ckpt.load_state(directory)
-        saved_model = state["model_config"]
-        if saved_model != self.model.config.to_dict():
-            changed = sorted(k for k in saved_model if saved_model.get(k) != self.model.config.to_dict().get(k))
+    # -- resume -----------------------------------------------------------------------------------------
+    def _load_checkpoint(self, directory: Path) -> None:
+        """Resume from `directory` (the session picks it): refuse a checkpoint of another run with AiosError;
+        raise CheckpointUnusable when its content cannot be used (the session then tries an older one)."""
+        saved = ckpt.read_checkpoint(directory, self.rank, self.device)
+        self._check_identity(directory, saved.state)
+        try:
+            self._apply_checkpoint(saved)
+        except (AiosError, RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+            raise ckpt.CheckpointUnusable(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
+        log.info("resumed from %s at step %d (micro-batch %d x %d)", directory, self.step, self.micro_batch,
+                 self.grad_accum)
+
+    def _check_identity(self, directory: Path, state: dict) -> None:
+        """The checkpoint must be of this run: same model, global batch, data, seed and kind of optimizer."""
+        ours = self.model.config.to_dict()
+        theirs = state["model_config"]
+        if theirs != ours:
+            changed = sorted(k for k in {*theirs, *ours} if theirs.get(k) != ours.get(k))
             raise AiosError(f"checkpoint {directory} was made with a different model ({', '.join(changed)} "
                             f"differ): resume with the same model flags or use a new --brain-name")
         if state["global_batch"] != self.global_batch:
@@ -195,70 +241,77 @@ class Trainer:
         if state["dataset_fingerprint"] != self.dataset.fingerprint:
             raise AiosError(f"checkpoint {directory} trained on other data (fingerprint "
                             f"{state['dataset_fingerprint'][:12]}): resume with the same dataset and tokenizer")
+        if state["seed"] != self.config.seed:
+            raise AiosError(f"checkpoint {directory} was trained with --seed {state['seed']}, which fixes its data "
+                            f"order: resume with --seed {state['seed']}")
         if state["optimizer_kind"] != self.optimizer_kind:
             raise AiosError(f"checkpoint {directory} holds {state['optimizer_kind']} optimizer state, this run "
                             f"uses {self.optimizer_kind}: resume with {optimizer_kind_hint(state['optimizer_kind'])} "
                             f"(optimizer state does not convert)")
-        self.model.load_state_dict(ckpt.load_model_weights(directory, self.device))
-        opt = ckpt.load_optimizer_state(directory)
-        self.optimizer.load_state_dict(opt["optimizer"])
+
+    def _apply_checkpoint(self, saved: ckpt.Checkpoint) -> None:
+        cfg, state = self.config, saved.state
+        self.model.load_state_dict(saved.weights)
+        self.optimizer.load_state_dict(saved.optimizer_state["optimizer"])
         set_hyperparameters(self.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)  # flags typed on resume
-        if self.scaler is not None and opt.get("scaler"):
-            self.scaler.load_state_dict(opt["scaler"])
-        rng, carries, sampler_state = ckpt.load_rank_files(directory, self.rank, self.device)
+        if self.scaler is not None and saved.optimizer_state.get("scaler"):
+            self.scaler.load_state_dict(saved.optimizer_state["scaler"])
         # The checkpoint's batch split, unless this run asks for a different one (same global batch): an OOM
         # back-off of the earlier run persists until then.
-        asked = (cfg.batch_size, cfg.gradient_accumulation_steps)
-        saved = (state["micro_batch"], state["grad_accum"])
-        self.micro_batch, self.grad_accum = saved
+        self.micro_batch, self.grad_accum = state["micro_batch"], state["grad_accum"]
+        _check_carries(saved.carries, self.micro_batch, self.grad_accum, self.carries[0])
         self.sampler = self._new_sampler()
-        self.sampler.load_state_dict(sampler_state)
-        self.carries = carries
-        if asked != (state["config_micro_batch"], state["config_grad_accum"]) and asked != saved:
+        self.sampler.load_state_dict(saved.sampler_state)
+        self._set_carries(saved.carries)
+        asked = (cfg.batch_size, cfg.gradient_accumulation_steps)
+        if asked != (state["config_micro_batch"], state["config_grad_accum"]) and asked != (self.micro_batch,
+                                                                                            self.grad_accum):
             self._resplit(*asked)
-        ckpt.restore_rng_state(rng)
-        self.step = state["step"]
-        self.tokens_seen = state["tokens_seen"]
-        self.samples_drawn = state["samples_drawn"]
-        self.nonfinite_in_a_row = state["nonfinite_in_a_row"]
-        self.nonfinite_total = state["nonfinite_total"]
-        log.info("resumed from %s at step %d (micro-batch %d x %d)", directory, self.step, self.micro_batch,
-                 self.grad_accum)
-        return directory
+        ckpt.restore_rng_state(saved.rng)
+        self.counters = Counters(**{f.name: state[f.name] for f in dataclasses.fields(Counters)})
 
     # -- one optimizer step -----------------------------------------------------------------------------
     def train_step(self) -> dict | None:
         """One optimizer step with OOM back-off; None at the end of the data (nothing consumed)."""
-        sampler_state = self.sampler.state_dict()
-        carries = list(self.carries)
-        rng = ckpt.capture_rng_state()
-
-        def roll_back() -> None:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.carries = carries
-            self.sampler.load_state_dict(sampler_state)
-            ckpt.restore_rng_state(rng)
-
+        point = self._save_point()
         while True:
             try:
-                record = self._step_once()
+                record = self._step()
             except torch.cuda.OutOfMemoryError:
-                roll_back()
+                self._roll_back(point)
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
-                if self.micro_batch == 1:
-                    raise AiosError("out of memory at micro-batch 1: lower --max-seq-len or --hidden-size, or "
-                                    "enable --gradient-checkpointing and --amp") from None
-                if self.micro_batch % 2:
-                    raise AiosError(f"out of memory at micro-batch {self.micro_batch}: it is odd, so it cannot be "
-                                    f"halved keeping the global batch; use an even or smaller --batch-size") from None
-                self._resplit(self.micro_batch // 2, self.grad_accum * 2)
-                log.warning("out of memory at step %d: retrying with micro-batch %d x %d accumulation steps "
-                            "(same global batch and sample order)", self.step + 1, self.micro_batch, self.grad_accum)
+                self._back_off()
+                point = self._save_point()
                 continue
             if record is None:  # the data ran out part-way through the step: it never happened
-                roll_back()
+                self._roll_back(point)
             return record
+
+    def _save_point(self) -> _SavePoint:
+        return _SavePoint(self.sampler.state_dict(), list(self.carries), list(self.halted), ckpt.capture_rng_state())
+
+    def _roll_back(self, point: _SavePoint) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.transaction.roll_back()
+        if self.scaler is not None:  # a fresh scaler with the same scale: no optimizer marked "unscaled"
+            scaler = torch.amp.GradScaler(self.device.type)
+            scaler.load_state_dict(self.scaler.state_dict())
+            self.scaler = scaler
+        self.sampler.load_state_dict(point.sampler)
+        self.carries, self.halted = list(point.carries), list(point.halted)
+        ckpt.restore_rng_state(point.rng)
+
+    def _back_off(self) -> None:
+        if self.micro_batch == 1:
+            raise AiosError("out of memory at micro-batch 1: lower --max-seq-len or --hidden-size, or "
+                            "enable --gradient-checkpointing and --amp") from None
+        if self.micro_batch % 2:
+            raise AiosError(f"out of memory at micro-batch {self.micro_batch}: it is odd, so it cannot be "
+                            f"halved keeping the global batch; use an even or smaller --batch-size") from None
+        self._resplit(self.micro_batch // 2, self.grad_accum * 2)
+        log.warning("out of memory at step %d: retrying with micro-batch %d x %d accumulation steps "
+                    "(same global batch and sample order)", self.step + 1, self.micro_batch, self.grad_accum)
 
     def _resplit(self, micro_batch: int, grad_accum: int) -> None:
         """Regroup this rank's rows into `grad_accum` micro-batches of `micro_batch` (same global batch).
@@ -273,25 +326,39 @@ class Trainer:
         state = self.sampler.state_dict()
         rows = [carry.state_dict() for carry in self.carries]
         every = {k: torch.cat([r[k] for r in rows]) for k in rows[0]}  # (rows_per_rank, ...)
-        self.carries = [ACTCarry.from_state_dict({k: v[m * micro_batch:(m + 1) * micro_batch]
-                                                  for k, v in every.items()}) for m in range(grad_accum)]
         self.micro_batch, self.grad_accum = micro_batch, grad_accum
+        self._set_carries([ACTCarry.from_state_dict({k: v[m * micro_batch:(m + 1) * micro_batch]
+                                                     for k, v in every.items()}) for m in range(grad_accum)])
         self.sampler = self._new_sampler()
         self.sampler.load_state_dict(state)
 
-    def _step_once(self) -> dict | None:
-        cfg, model = self.config, self.model
+    def _step(self) -> dict | None:
+        """Forward and backward every micro-batch, then update; state changes only at the end (commit)."""
         started = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
+        accumulated = self._accumulate_gradients()
+        if accumulated is None:
+            return None
+        carries, sums, drawn = accumulated
+        grad_norm = self._unscale_and_clip()
+        keys = sorted(sums)  # one host read for every metric of the step
+        values = dict(zip([*keys, "grad_norm"], torch.stack([*(sums[k] for k in keys), grad_norm.double()]).tolist(),
+                          strict=True))
+        loss_finite = math.isfinite(values["loss"])
+        finite = loss_finite and math.isfinite(values["grad_norm"])
         lr = self.schedule(self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        sums: dict[str, float] = {}
-        new_carries, drawn = [], 0
+        self._update(lr, finite)
+        counted_nonfinite = not (loss_finite if self.scaler is not None else finite)  # the scaler skips overflow
+        self._commit(carries, drawn, counted_nonfinite)
+        return self._step_record(values, lr, drawn, skipped=not finite, elapsed=time.perf_counter() - started)
+
+    def _accumulate_gradients(self) -> tuple[list[ACTCarry], dict[str, torch.Tensor], int] | None:
         rows_per_rank = self.micro_batch * self.grad_accum
+        sums: dict[str, torch.Tensor] = {}
+        new_carries, drawn = [], 0
         for m, carry in enumerate(self.carries):
-            self.callbacks.before_micro_step(self, m)
-            halted = carry.halted.cpu().numpy()
+            self.callbacks.at(self, "forward", m)
+            halted = self.halted[m]
             tokens = np.zeros((self.micro_batch, self.dataset.window), dtype=np.int64)
             if halted.any():
                 fresh, exhausted = self.sampler.draw(self.sampler.slots_for(m)[halted])
@@ -299,63 +366,79 @@ class Trainer:
                     return None
                 tokens[halted] = fresh
                 drawn += int(halted.sum())
-            batch = shift_labels(torch.from_numpy(tokens).to(self.device))
+            batch = shift_labels(torch.from_numpy(tokens).to(self.device, non_blocking=True))
             with autocast_context(self.device, self.amp_dtype):
-                carry, outputs = model(carry, batch)
-                loss, metrics = act_loss(carry, outputs, model.config)
+                carry, outputs = self.model(carry, batch)
+                loss, metrics = act_loss(carry, outputs, self.model.config)
+            self.callbacks.at(self, "backward", m)
             scaled = loss / rows_per_rank  # summed over rows; one division for the whole step
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             new_carries.append(carry)
-            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-            for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
+            for key, value in (("loss", loss.detach()), *metrics.items()):
+                sums[key] = sums[key] + value.double() if key in sums else value.double()
+        return new_carries, sums, drawn
 
+    def _unscale_and_clip(self) -> torch.Tensor:
         if self.scaler is not None:
+            self.callbacks.at(self, "unscale", None)
             self.scaler.unscale_(self.optimizer)
-        clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
-        self.carries = new_carries
-        self.samples_drawn += drawn
-        loss_finite = math.isfinite(sums["loss"])
-        finite = loss_finite and math.isfinite(grad_norm)
+        self.callbacks.at(self, "clip", None)
+        clip = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
+        return torch.nn.utils.clip_grad_norm_(self.params, clip)  # the norm before clipping
+
+    def _update(self, lr: float, finite: bool) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.callbacks.at(self, "optimizer_step", None)
+        self.transaction.begin()
         if self.scaler is not None:  # the scaler skips steps whose scaled gradients overflowed, by design
             self.scaler.step(self.optimizer)
             self.scaler.update()
         elif finite:
             self.optimizer.step()
-        if loss_finite if self.scaler is not None else finite:
-            self.nonfinite_in_a_row = 0
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.nonfinite_in_a_row += 1
-            self.nonfinite_total += 1
-            for carry in self.carries:  # the rows' state may be poisoned: start them on fresh samples
-                carry.halted = torch.ones_like(carry.halted)
-            log.warning("non-finite loss or gradient at step %d: step skipped (%d in a row)",
-                        self.step + 1, self.nonfinite_in_a_row)
-            if self.nonfinite_in_a_row >= MAX_NONFINITE_STEPS:
-                raise AiosError(f"the loss was non-finite for {MAX_NONFINITE_STEPS} steps in a row: lower --lr, "
-                                f"use --grad-clip 1.0, or --no-amp")
 
-        elapsed = time.perf_counter() - started
-        step_tokens = rows_per_rank * cfg.max_seq_len * self.world
-        self.tokens_seen += step_tokens
-        rows, halted_rows = sums["rows"], sums["count"]
+    def _commit(self, carries: list[ACTCarry], drawn: int, nonfinite: bool) -> None:
+        self.transaction.commit()
+        counters = self.counters
+        counters.step += 1
+        counters.samples_drawn += drawn
+        counters.sample_tokens_seen += drawn * self.config.max_seq_len
+        counters.segment_tokens_seen += self.global_batch * self.config.max_seq_len
+        if not nonfinite:
+            counters.nonfinite_in_a_row = 0
+            self._set_carries(carries)
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        counters.nonfinite_in_a_row += 1
+        counters.nonfinite_total += 1
+        for carry in carries:  # the rows' state may be poisoned: start them on fresh samples
+            carry.halted = torch.ones_like(carry.halted)
+        self._set_carries(carries)
+        log.warning("non-finite loss or gradient at step %d: step skipped (%d in a row)", counters.step,
+                    counters.nonfinite_in_a_row)
+        if counters.nonfinite_in_a_row >= MAX_NONFINITE_STEPS:
+            raise AiosError(f"the loss was non-finite for {MAX_NONFINITE_STEPS} steps in a row: lower --lr, "
+                            f"use --grad-clip 1.0, or --no-amp")
+
+    def _step_record(self, values: dict[str, float], lr: float, drawn: int, *, skipped: bool,
+                     elapsed: float) -> dict:
+        rows, halted_rows, T = values["rows"], values["count"], self.config.max_seq_len
+        segment_tokens = self.global_batch * T
         record = {
-            "event": "step", "step": self.step + 1, "epoch": int(self.sampler.epochs.min()), "lr": lr,
-            "loss": sums["loss"] / rows, "lm_loss": sums["lm_loss"] / rows,
-            "q_halt_loss": sums["q_halt_loss"] / rows, "q_continue_loss": sums["q_continue_loss"] / rows,
-            "aux_loss": sums["aux_loss"] / self.grad_accum, "grad_norm": _finite_or_none(grad_norm),
-            "token_accuracy": sums["token_accuracy_all"] / rows, "halted": int(halted_rows),
-            "segments": sums["steps"] / halted_rows if halted_rows else None,
-            "halted_accuracy": sums["accuracy"] / halted_rows if halted_rows else None,
-            "samples_drawn": drawn, "tokens": step_tokens, "tokens_seen": self.tokens_seen,
-            "tokens_per_s": step_tokens / elapsed, "step_time_s": elapsed, "skipped": not finite,
-            "nonfinite_total": self.nonfinite_total, "micro_batch": self.micro_batch,
+            "event": "step", "step": self.step, "epoch": int(self.sampler.epochs.min()), "lr": lr,
+            "loss": values["loss"] / rows, "lm_loss": values["lm_loss"] / rows,
+            "q_halt_loss": values["q_halt_loss"] / rows, "q_continue_loss": values["q_continue_loss"] / rows,
+            "aux_loss": values["aux_loss"] / self.grad_accum, "grad_norm": values["grad_norm"],
+            "token_accuracy": values["token_accuracy_all"] / rows, "halted": int(halted_rows),
+            "segments": values["steps"] / halted_rows if halted_rows else None,
+            "halted_accuracy": values["accuracy"] / halted_rows if halted_rows else None,
+            "samples_drawn": drawn, "sample_tokens": drawn * T, "segment_tokens": segment_tokens,
+            "sample_tokens_seen": self.counters.sample_tokens_seen,
+            "segment_tokens_seen": self.counters.segment_tokens_seen,
+            "tokens_per_s": segment_tokens / elapsed, "step_time_s": elapsed, "skipped": skipped,
+            "nonfinite_total": self.counters.nonfinite_total, "micro_batch": self.micro_batch,
             "grad_accum": self.grad_accum, "peak_rss_mb": round(peak_rss_mb(), 1),
         }
-        if not math.isfinite(record["loss"]):
-            record["loss"] = None
         if self.device.type == "cuda":
             record["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
         return record
@@ -370,10 +453,24 @@ class Trainer:
         yield from self.eval_dataset.sequential_batches(size, limit)
 
     def evaluate(self) -> dict:
-        batches = self.eval_batches()
-        result = evaluate_lm(self.model, batches, self.device, self.amp_dtype)
+        result = evaluate_lm(self.model, self.eval_batches(), self.device, self.amp_dtype)
         self.last_eval = {"step": self.step, **result}
+        self.log.write({"event": "eval", "step": self.step, **result})
+        self.console.eval(self.step, result)
         return result
+
+    def save(self, last_metrics: dict) -> Path | None:
+        """A checkpoint of this step, then the bundle. Weights that became non-finite are never saved: the
+        run stops and the last good checkpoint and bundle stay as they are."""
+        bad = _nonfinite_weights(self.model)
+        if bad:
+            raise AiosError(f"the weights became non-finite by step {self.step} ({bad[0]}{' and others' if bad[1:] else ''}"
+                            f"): nothing was saved, the bundle keeps its last good state; resume with a lower --lr")
+        path = self.save_checkpoint(last_metrics)
+        self.write_bundle(last_metrics)
+        self.log.write({"event": "checkpoint", "step": self.step, "path": str(path)})
+        self.log.sync()
+        return path
 
     def save_checkpoint(self, metrics: dict) -> Path | None:
         staged = self.session.staging_dir(self.step)
@@ -381,15 +478,12 @@ class Trainer:
         if self.is_main:
             optimizer_state = {"optimizer": self.optimizer.state_dict(),
                                "scaler": self.scaler.state_dict() if self.scaler else None}
-            state = {"step": self.step, "tokens_seen": self.tokens_seen, "samples_drawn": self.samples_drawn,
-                     "world_size": self.world, "micro_batch": self.micro_batch, "grad_accum": self.grad_accum,
-                     "config_micro_batch": self.config.batch_size,
-                     "config_grad_accum": self.config.gradient_accumulation_steps,
-                     "optimizer_kind": self.optimizer_kind,
-                     "global_batch": self.global_batch, "nonfinite_in_a_row": self.nonfinite_in_a_row,
-                     "nonfinite_total": self.nonfinite_total, "config_hash": self.config.config_hash(),
-                     "model_config": self.model.config.to_dict(), "dataset_fingerprint": self.dataset.fingerprint,
-                     "epoch": int(self.sampler.epochs.min())}
+            state = {**dataclasses.asdict(self.counters), "world_size": self.world, "micro_batch": self.micro_batch,
+                     "grad_accum": self.grad_accum, "config_micro_batch": self.config.batch_size,
+                     "config_grad_accum": self.config.gradient_accumulation_steps, "global_batch": self.global_batch,
+                     "seed": self.config.seed, "optimizer_kind": self.optimizer_kind,
+                     "config_hash": self.config.config_hash(), "model_config": self.model.config.to_dict(),
+                     "dataset_fingerprint": self.dataset.fingerprint, "epoch": int(self.sampler.epochs.min())}
         ckpt.write_checkpoint_files(staged, rank=self.rank, model=self.model if self.is_main else None,
                                     optimizer_state=optimizer_state, carries=self.carries,
                                     sampler_state=self.sampler.state_dict(), state=state)
@@ -400,13 +494,18 @@ class Trainer:
     def write_bundle(self, last_metrics: dict | None) -> None:
         if not self.is_main:
             return
-        self.bundle.write_model(self.model)
-        self.bundle.write_tracker(self.sampler.progress())
-        self.bundle.update_metadata(
-            steps=self.step, tokens_seen=self.tokens_seen, samples_drawn=self.samples_drawn,
-            tokenizer={"name": self.config.model, "fingerprint": tokenizer_fingerprint(self.tokenizer)},
-            datasets={"train": {"source": self.config.dataset_file, "fingerprint": self.dataset.fingerprint},
-                      "eval": {"source": self.config.eval_file or "held-out tail of the training data",
+        bundle, cfg = self.bundle, self.config
+        bundle.write_model(self.model)
+        bundle.write_tokenizer(self.tokenizer)
+        bundle.write_training_args(cfg)
+        bundle.write_tracker(self.sampler.progress())
+        bundle.update_metadata(
+            created=self.started_at, steps=self.step, samples_drawn=self.counters.samples_drawn,
+            sample_tokens_seen=self.counters.sample_tokens_seen,
+            segment_tokens_seen=self.counters.segment_tokens_seen, autocast=dtype_name(self.amp_dtype),
+            tokenizer={"name": cfg.model, "fingerprint": tokenizer_fingerprint(self.tokenizer)},
+            datasets={"train": {"source": cfg.dataset_file, "fingerprint": self.dataset.fingerprint},
+                      "eval": {"source": cfg.eval_file or "held-out tail of the training data",
                                "fingerprint": self.eval_dataset.fingerprint}},
             parameters=self.model.num_parameters(), last_metrics=last_metrics, last_eval=self.last_eval,
             unigram_entropy=self.unigram_entropy,
@@ -415,21 +514,21 @@ class Trainer:
     # -- the run ------------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         cfg = self.config
-        metrics_log = MetricsLog(Path(cfg.log_file) if cfg.log_file else self.bundle.metrics_path) \
-            if self.is_main else None
+        start = self.step
         if self.is_main:
-            self.bundle.write_tokenizer(self.tokenizer)
-            self.bundle.write_training_args(cfg)
-            metrics_log.write({"event": "start", "step": self.step, "resumed_from": str(self.restored_from or ""),
-                               "parameters": self.model.num_parameters(), "device": str(self.device),
-                               "unigram_entropy": self.unigram_entropy,
-                               "global_batch": self.global_batch, "train_sequences": self.dataset.num_train,
-                               "eval_sequences": (self.dataset.num_holdout if self.eval_dataset is self.dataset
-                                                  else self.eval_dataset.num_sequences)})
-        reason, last, last_ckpt_step, last_eval_step = "steps", None, None, None
-        progress = _Progress(cfg.progress and self.is_main, total=cfg.steps, start=self.step)
+            self.log = MetricsLog(Path(cfg.log_file) if cfg.log_file else self.bundle.metrics_path,
+                                  resume_step=start)
+        self.console = Console(cfg.progress and self.is_main, total=cfg.steps, start=start)
+        self.log.write({"event": "start", "step": start, "resumed_from": str(self.restored_from or ""),
+                        "parameters": self.model.num_parameters(), "device": str(self.device),
+                        "autocast": dtype_name(self.amp_dtype), "unigram_entropy": self.unigram_entropy,
+                        "global_batch": self.global_batch, "train_sequences": self.dataset.num_train,
+                        "eval_sequences": (self.dataset.num_holdout if self.eval_dataset is self.dataset
+                                           else self.eval_dataset.num_sequences)})
+        reason, last, saved_at, evaluated_at = "steps", None, None, None
+        self.session.enter_loop()
         try:
-            with progress:
+            with self.console:
                 while self.step < cfg.steps:
                     if self.session.stop_requested():
                         reason = "stop"
@@ -438,71 +537,41 @@ class Trainer:
                     if record is None:
                         reason = "end_of_data"
                         break
-                    self.step += 1
                     last = record
-                    if metrics_log:
-                        metrics_log.write(record)
-                    progress.update(record)
-                    self.callbacks.after_step(self, record)
+                    self.log.write(last)
+                    self.console.step(last)
+                    self.callbacks.after_step(self, last)
                     if cfg.eval_every and self.step % cfg.eval_every == 0:
-                        result = self.evaluate()
-                        last_eval_step = self.step
-                        if metrics_log:
-                            metrics_log.write({"event": "eval", "step": self.step, **result})
+                        self.evaluate()
+                        evaluated_at = self.step
                     if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                        path = self.save_checkpoint(record)
-                        self.write_bundle(record)
-                        last_ckpt_step = self.step
-                        if metrics_log:
-                            metrics_log.write({"event": "checkpoint", "step": self.step, "path": str(path)})
-            if reason == "stop" and metrics_log:
-                metrics_log.write({"event": "stop", "step": self.step, "reason": self.session.stop_reason()})
-            if last_eval_step != self.step:
-                result = self.evaluate()
-                if metrics_log:
-                    metrics_log.write({"event": "eval", "step": self.step, **result})
-            if last_ckpt_step != self.step:
-                path = self.save_checkpoint(last or {"step": self.step})
-                if metrics_log:
-                    metrics_log.write({"event": "checkpoint", "step": self.step, "path": str(path)})
-            self.write_bundle(last)
-            if metrics_log:
-                metrics_log.write({"event": "end", "step": self.step, "reason": reason,
-                                   "eval": self.last_eval, "tokens_seen": self.tokens_seen})
+                        self.save(last)
+                        saved_at = self.step
+            if reason == "stop":
+                self.log.write({"event": "stop", "step": self.step, "reason": self.session.stop_reason()})
+            if self.step > start:  # an attempt that trained nothing leaves the bundle as it was
+                if evaluated_at != self.step:
+                    self.evaluate()
+                if saved_at != self.step:
+                    self.save(last)
+            self.log.write({"event": "end", "step": self.step, "reason": reason, "eval": self.last_eval,
+                            "sample_tokens_seen": self.counters.sample_tokens_seen,
+                            "segment_tokens_seen": self.counters.segment_tokens_seen})
         finally:
-            if metrics_log:
-                metrics_log.close()
+            self.log.close()
         return TrainResult(step=self.step, reason=reason, final_eval=self.last_eval, bundle=self.bundle.root,
-                           unigram_entropy=self.unigram_entropy)
+                           unigram_entropy=self.unigram_entropy, trained_steps=self.step - start)
 
 
-class _Progress:
-    """A rich progress bar with the latest loss and throughput, or nothing."""
-
-    def __init__(self, enabled: bool, total: int, start: int):
-        self.enabled = enabled
-        if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False)
-            self.task = self.bar.add_task("train", total=total, completed=start, info="")
-
-    def __enter__(self):
-        if self.enabled:
-            self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.bar.__exit__(*exc)
-
-    def update(self, record: dict) -> None:
-        if self.enabled:
-            loss = record["loss"]
-            info = f"loss {loss:.3f}" if loss is not None else "loss nan"
-            self.bar.update(self.task, completed=record["step"],
-                            info=f"{info}  {record['tokens_per_s']:.0f} tok/s  lr {record['lr']:.2e}")
+def _check_carries(carries: list[ACTCarry], micro_batch: int, grad_accum: int, like: ACTCarry) -> None:
+    """A checkpoint's carries must have the layout its state.json claims and this model's shapes."""
+    if len(carries) != grad_accum:
+        raise ValueError(f"{len(carries)} carries for {grad_accum} micro-steps")
+    for carry in carries:
+        for name, value in carry.state_dict().items():
+            expected = like.state_dict()[name]
+            if value.shape[1:] != expected.shape[1:] or value.shape[0] != micro_batch or value.dtype != expected.dtype:
+                raise ValueError(f"carry {name} has shape {tuple(value.shape)} {value.dtype}")
 
 
 def train_worker(config: TrainingConfig, session: Session, callbacks: TrainCallbacks | None = None) -> TrainResult:

@@ -159,7 +159,8 @@ def _is_atomic(optimizer: Optimizer) -> bool:
 
 
 class OptimizerTransaction:
-    """`begin()` before `optimizer.step()`; `roll_back()` after it raised puts everything back exactly.
+    """`begin()` before `optimizer.step()`; `roll_back()` after it raised puts everything back exactly;
+    `commit()` once the step is kept.
 
     For an atomic optimizer (see `_is_atomic`) that costs nothing per step: the step counters are saved and
     state created by the failed step is dropped. Any other optimizer is snapshotted in host memory (weights
@@ -172,11 +173,13 @@ class OptimizerTransaction:
         if not self.atomic:
             log.info("%s is not known to step atomically: each step snapshots weights and optimizer state so "
                      "that an out-of-memory retry is exact", type(optimizer).__name__)
+        self.open = False
         self._had_state: set[int] = set()
         self._steps: dict[int, torch.Tensor] = {}
         self._snapshot: tuple[list[torch.Tensor], dict] | None = None
 
     def begin(self) -> None:
+        self.open = True
         state = self.optimizer.state
         self._had_state = {id(p) for p in self.params if state.get(p)}
         self._steps = {id(p): state[p]["step"].clone() for p in self.params
@@ -187,8 +190,17 @@ class OptimizerTransaction:
                                for k, v in state[p].items()} for p in self.params if state.get(p)}
             self._snapshot = (weights, moments)
 
+    def commit(self) -> None:
+        """The step is kept: nothing to undo any more."""
+        self.open = False
+        self._snapshot = None
+
     @torch.no_grad()
     def roll_back(self) -> None:
+        """Undo the step begun last, if it was not committed; otherwise nothing."""
+        if not self.open:
+            return
+        self.open = False
         state = self.optimizer.state
         for p in self.params:
             if id(p) not in self._had_state:
@@ -197,6 +209,7 @@ class OptimizerTransaction:
                 state[p]["step"].copy_(self._steps[id(p)])
         if self._snapshot is not None:
             weights, moments = self._snapshot
+            self._snapshot = None
             for p, saved in zip(self.params, weights, strict=True):
                 p.copy_(saved)
             for p in self.params:

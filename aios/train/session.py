@@ -8,16 +8,26 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import signal
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from aios.errors import AiosError
-from aios.train.checkpoint import find_latest_checkpoint, publish_checkpoint
+from aios.errors import AiosError, Terminated
+from aios.train.checkpoint import (
+    STAGING_PREFIX,
+    CheckpointUnusable,
+    list_checkpoints,
+    publish_checkpoint,
+    set_aside,
+    step_dir_name,
+    verify_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +38,21 @@ class Session(Protocol):
     local_rank: int
     device: torch.device
 
-    def restore(self) -> Path | None:
-        """The newest complete checkpoint directory to resume from, or None."""
+    def restore(self, load: Callable[[Path], None]) -> Path | None:
+        """Resume: call `load(directory)` on the newest usable checkpoint and return that directory, or None.
+
+        `load` raises CheckpointUnusable for a checkpoint whose content cannot be used (the session then
+        sets it aside and tries an older one) and AiosError to refuse the resume altogether."""
 
     def staging_dir(self, step: int) -> Path:
         """An empty local directory to write a checkpoint of `step` into before `report`."""
 
     def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> Path | None:
         """Record metrics and persist a sealed checkpoint. A barrier: every rank calls it equally often."""
+
+    def enter_loop(self) -> None:
+        """From now on a stop request (signal, stop file) ends the loop after the current step; before,
+        a SIGTERM interrupts the setup at once (`Terminated`)."""
 
     def stop_requested(self) -> bool:
         """True once a graceful stop was asked for (stop file, SIGTERM, SIGINT)."""
@@ -66,14 +83,18 @@ class LocalSession:
         self.keep = keep_checkpoints
         self.resume = resume
         self.require_checkpoint = require_checkpoint  # resuming a bundle that holds trained work
+        # The launcher has checked that no file is there yet: whatever appears there was put there to stop us.
         self.stop_file = Path(stop_file) if stop_file else None
         self.signal_received: str | None = None
+        self.in_loop = False
         self._staging_root: Path | None = None
         self._previous_handlers: dict = {}
 
+    # -- signals --------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def handle_signals(self):
-        """While training: the first SIGTERM/SIGINT asks for a graceful stop, a second one acts as usual."""
+        """SIGTERM/SIGINT: during setup, stop at once (Terminated / KeyboardInterrupt); in the loop, the first
+        one asks for a graceful stop after the current step and a second one acts as usual."""
         previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
@@ -87,31 +108,63 @@ class LocalSession:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
-    def close(self) -> None:
-        if self._staging_root is not None:
-            shutil.rmtree(self._staging_root, ignore_errors=True)
-
     def _on_signal(self, signum, _frame) -> None:
-        self.signal_received = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if not self.in_loop:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise Terminated(name)
+        self.signal_received = name
         log.warning("%s received: finishing the current step, then checkpointing and stopping (send it again "
-                    "to stop at once)", self.signal_received)
+                    "to stop at once)", name)
         for sig, handler in self._previous_handlers.items():
             signal.signal(sig, handler)
 
-    def restore(self) -> Path | None:
+    def enter_loop(self) -> None:
+        self.in_loop = True
+
+    def stop_requested(self) -> bool:
+        return self.signal_received is not None or bool(self.stop_file and os.path.lexists(self.stop_file))
+
+    def stop_reason(self) -> str:
+        if self.signal_received:
+            return self.signal_received
+        return f"stop file {self.stop_file}"
+
+    def consume_stop_file(self) -> None:
+        """Remove the stop file that stopped this run, so that `--resume` does not stop at once. It did not
+        exist when the run started (checked), so it is not a user's file; a directory is left alone."""
+        if not (self.stop_file and os.path.lexists(self.stop_file)):
+            return
+        if self.stop_file.is_dir() and not self.stop_file.is_symlink():
+            log.warning("--stop-file %s is a directory: left in place; remove it before --resume", self.stop_file)
+            return
+        self.stop_file.unlink()
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+    def restore(self, load: Callable[[Path], None]) -> Path | None:
         if not self.resume:
             return None
-        found = find_latest_checkpoint(self.checkpoints_dir, set_aside_invalid=True)
-        if found is None and self.require_checkpoint:
+        for candidate in reversed(list_checkpoints(self.checkpoints_dir)):
+            problem = verify_checkpoint(candidate)
+            if problem is None:
+                try:
+                    load(candidate)
+                    return candidate
+                except CheckpointUnusable as exc:
+                    problem = f"it cannot be loaded ({exc})"
+            log.warning("skipping checkpoint %s: %s; trying the previous one", candidate, problem)
+            set_aside(candidate, "invalid")
+        if self.require_checkpoint:
             raise AiosError(f"--resume: no intact checkpoint in {self.checkpoints_dir} (invalid ones were moved "
                             f"aside as step-N.invalid-*): repair one, or train a new --brain-name")
-        return found
+        return None
 
     def staging_dir(self, step: int) -> Path:
         if self._staging_root is None:  # beside the checkpoints, so publishing is a rename
             self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
-            self._staging_root = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.checkpoints_dir))
-        path = self._staging_root / f"step-{step:06d}"
+            self._staging_root = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.checkpoints_dir))
+        path = self._staging_root / step_dir_name(step)
         shutil.rmtree(path, ignore_errors=True)
         path.mkdir(parents=True)
         return path
@@ -121,10 +174,6 @@ class LocalSession:
             return None
         return publish_checkpoint(Path(checkpoint_dir), self.checkpoints_dir, int(metrics["step"]), self.keep)
 
-    def stop_requested(self) -> bool:
-        return self.signal_received is not None or bool(self.stop_file and self.stop_file.exists())
-
-    def stop_reason(self) -> str:
-        if self.signal_received:
-            return self.signal_received
-        return f"stop file {self.stop_file}"
+    def close(self) -> None:
+        if self._staging_root is not None:
+            shutil.rmtree(self._staging_root, ignore_errors=True)

@@ -21,8 +21,8 @@ from aios.train.loop import TrainCallbacks
 SAMPLE = Path(__file__).resolve().parents[2] / "training_data" / "curated_datasets" / "test_sample.txt"
 
 STEP_KEYS = {"event", "step", "epoch", "lr", "loss", "lm_loss", "q_halt_loss", "q_continue_loss", "aux_loss",
-             "grad_norm", "token_accuracy", "halted", "segments", "samples_drawn", "tokens", "tokens_seen",
-             "tokens_per_s", "step_time_s", "skipped", "nonfinite_total", "micro_batch", "grad_accum",
+             "grad_norm", "token_accuracy", "halted", "segments", "samples_drawn", "sample_tokens",
+             "segment_tokens", "sample_tokens_seen", "segment_tokens_seen", "tokens_per_s", "step_time_s", "skipped", "nonfinite_total", "micro_batch", "grad_accum",
              "peak_rss_mb", "time"}
 
 
@@ -60,13 +60,16 @@ def test_a_run_writes_a_complete_bundle_and_metrics(make_config):
     assert [r["event"] for r in records(root / "metrics.jsonl")][0] == "start"
     assert [r["step"] for r in records(root / "metrics.jsonl", "eval")] == [3, 6]
     end = records(root / "metrics.jsonl", "end")[0]
-    assert end["reason"] == "steps" and end["tokens_seen"] == 6 * 4 * 16
+    assert end["reason"] == "steps" and end["segment_tokens_seen"] == 6 * 4 * 16  # every row, every step
+    drawn = sum(r["samples_drawn"] for r in steps)
+    assert 4 <= drawn < 6 * 4 and end["sample_tokens_seen"] == drawn * 16  # each sample once
     assert sum(r["samples_drawn"] for r in steps) == BrainBundle(root).tracker()["sequences_consumed"]
     # The held-out tail is the eval set when no --eval-file is given.
     assert result.final_eval["sequences"] == 2 * 4 and math.isfinite(result.final_eval["loss"])
 
     meta = BrainBundle(root).metadata()
-    assert meta["steps"] == 6 and meta["tokens_seen"] == 6 * 4 * 16 and meta["name"] == "tiny"
+    assert meta["steps"] == 6 and meta["segment_tokens_seen"] == 6 * 4 * 16 and meta["name"] == "tiny"
+    assert meta["sample_tokens_seen"] == drawn * 16 and meta["autocast"] == "float32"
     assert meta["datasets"]["train"]["fingerprint"] and meta["versions"]["torch"] == torch.__version__
     saved = TrainingConfig.from_json((root / "training_args.json").read_text(), check_paths=False)
     assert saved == config
@@ -100,8 +103,8 @@ def test_same_seed_gives_bitwise_identical_weights(make_config):
 class EagerHalting(TrainCallbacks):
     """Bias the fresh Q-head towards halting, so that exploration (the RNG) decides when rows halt."""
 
-    def before_micro_step(self, trainer, micro_step):
-        if trainer.step == 0 and micro_step == 0:
+    def at(self, trainer, point, micro_step):
+        if point == "forward" and trainer.step == 0 and micro_step == 0:
             with torch.no_grad():
                 trainer.model.inner.q_head.bias.copy_(torch.tensor([5.0, -5.0]))
 
@@ -223,8 +226,8 @@ class InjectOOM(TrainCallbacks):
     def __init__(self, limit: int, start: int = 2):
         self.limit, self.start, self.raised = limit, start, 0
 
-    def before_micro_step(self, trainer, micro_step):
-        if trainer.step >= self.start and trainer.micro_batch > self.limit:
+    def at(self, trainer, point, micro_step):
+        if point == "forward" and trainer.step >= self.start and trainer.micro_batch > self.limit:
             self.raised += 1
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
 
@@ -272,7 +275,9 @@ class PoisonLogits(TrainCallbacks):
         self.steps = set(steps)
         self.handle = None
 
-    def before_micro_step(self, trainer, micro_step):
+    def at(self, trainer, point, micro_step):
+        if point != "forward":
+            return
         if self.handle is None:
             self.handle = trainer.model.inner.lm_head.register_forward_hook(
                 lambda module, args, out: out * float("nan") if self.poison else out)
