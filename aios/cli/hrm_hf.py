@@ -15,7 +15,7 @@ from pydantic import ValidationError
 # typer ships its own click; its exception base class is how a parse error is recognised in-process.
 from typer._click.exceptions import ClickException
 
-from aios.cli.options import typed_by_user, with_config_options
+from aios.cli.options import finite_number, typed_by_user, with_config_options
 from aios.config.training import TrainingConfig, error_field, format_validation_error, read_yaml_settings
 from aios.errors import AiosError
 from aios.paths import DEFAULT_BUNDLE_DIR, DEFAULT_DATA_CACHE_DIR
@@ -115,7 +115,7 @@ def generate_command(
     brain: Annotated[str, typer.Option("--brain", help="Bundle name under --bundle-dir, or a bundle directory.")],
     prompt: Annotated[str, typer.Option("--prompt", help="Text to continue.")] = "",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Tokens to generate.")] = 64,
-    temperature: Annotated[float, typer.Option("--temperature", min=0.0,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0, callback=finite_number,
                                                help="Sampling temperature; 0 = greedy.")] = 0.8,
     top_k: Annotated[int, typer.Option("--top-k", min=0, help="Sample from the k likeliest tokens; 0 = all.")] = 40,
     seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,

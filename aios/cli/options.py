@@ -9,6 +9,7 @@ Literal fields become choices, booleans become `--x/--no-x`, defaults are shown 
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Iterable
 from typing import Annotated, Any, TypeVar
 
@@ -75,3 +76,10 @@ def typed_by_user(ctx: typer.Context, names: Iterable[str]) -> set[str]:
         if source is not None and source.name in _USER_SOURCES:
             typed.add(name)
     return typed
+
+
+def finite_number(ctx: typer.Context, param: typer.CallbackParam, value: float | None) -> float | None:
+    """A typer callback for float options: NaN and infinity are refused like any other bad value."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value!r} is not a finite number; pass e.g. 0.8")
+    return value

@@ -17,8 +17,10 @@ import difflib
 import glob
 import hashlib
 import json
+import math
 import os
 import re
+import types
 import typing
 from collections.abc import Iterable
 from pathlib import Path
@@ -192,6 +194,35 @@ class TrainingConfig(BaseModel):
                               "Bundle")
 
     # ---- field checks ---------------------------------------------------------------------------------
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_scalar(cls, value: Any, info: ValidationInfo) -> Any:
+        """Presets and saved configs get no silent coercion: `steps: true` is not 1, `amp: 1` is not true,
+        and no number may be NaN or infinite (an `--lr inf` run would save NaN weights)."""
+        flag = flag_name(info.field_name)
+        kinds = _scalar_kinds(cls.model_fields[info.field_name].annotation)
+        if value is None or not kinds:
+            return value
+        if "float" in kinds:
+            number = value
+            if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as text; it is still the number meant
+                try:
+                    number = float(value)
+                except ValueError:
+                    raise _setting_error(f"{flag} must be a number, got {value!r}; pass e.g. {flag}=0.5") from None
+            if isinstance(number, bool) or not isinstance(number, (int, float)):
+                raise _setting_error(f"{flag} must be a number, got {value!r}; pass e.g. {flag}=0.5")
+            if not math.isfinite(number):
+                raise _setting_error(f"{flag} must be a finite number, got {value!r}; pass e.g. {flag}=0.5")
+            return number
+        if "int" in kinds and (isinstance(value, bool) or not isinstance(value, int)):
+            raise _setting_error(f"{flag} must be a whole number, got {value!r}; pass e.g. {flag}=4")
+        if "bool" in kinds and not isinstance(value, bool):
+            raise _setting_error(f"{flag} must be true or false, got {value!r}; write true or false")
+        if "str" in kinds and not isinstance(value, str):
+            raise _setting_error(f"{flag} must be text, got {value!r}; quote the value")
+        return value
+
     @field_validator("dataset_file", "eval_file")
     @classmethod
     def _data_path_exists(cls, value: str | None, info: ValidationInfo) -> str | None:
@@ -380,6 +411,15 @@ def field_group(field_name: str) -> str:
     extra = TrainingConfig.model_fields[field_name].json_schema_extra
     assert isinstance(extra, dict)
     return str(extra["group"])
+
+
+def _scalar_kinds(annotation: Any) -> set[str]:
+    """The scalar kinds a field annotation admits, by name: {"int"}, {"float"}, {"str"} (Literals too)..."""
+    if typing.get_origin(annotation) is Literal:
+        return {"str"}
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return set().union(*(_scalar_kinds(arg) for arg in typing.get_args(annotation) if arg is not type(None)))
+    return {annotation.__name__} if annotation in (int, float, bool, str) else set()
 
 
 def field_choices(field_name: str) -> tuple[str, ...] | None:

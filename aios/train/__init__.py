@@ -48,8 +48,8 @@ def launch(config: TrainingConfig, callbacks=None):
             return TrainResult(step=reached, reason="already_reached", final_eval=None, bundle=bundle.root)
     if config.resume and not has_work:
         log.warning("--resume: brain '%s' has no checkpoint yet; starting a new run", config.brain_name)
-    _check_output_paths(config, bundle.root, resuming=has_work)
     _check_stop_file(config.stop_file)
+    _check_output_paths(config, bundle.root, resuming=has_work)
     device = resolve_device(config.device)
 
     session = LocalSession(checkpoints, device=device, keep_checkpoints=config.keep_checkpoints,
@@ -84,22 +84,24 @@ def _writable_dir(flag: str, path: Path, what: str = "") -> None:
 
 
 def _check_output_paths(config: TrainingConfig, bundle_root: Path, *, resuming: bool) -> None:
-    """Every output location can be created and written, and is the right kind of thing, before any work."""
-    _writable_dir("--bundle-dir", Path(config.bundle_dir))
-    _writable_dir("--data-cache-dir", Path(config.data_cache_dir))
+    """Every output location is the right kind of thing and can be created and written, before any work
+    (the checks that create nothing come first)."""
     if bundle_root.exists() and not bundle_root.is_dir():
         raise AiosError(f"the bundle path {bundle_root} is a file: remove it or choose another --brain-name")
-    if config.log_file:
-        log_file = Path(config.log_file)
+    log_file = Path(config.log_file) if config.log_file else None
+    if log_file is not None:
         if log_file.is_dir():
             raise AiosError(f"--log-file {log_file} is a directory: pass a file path such as "
                             f"{log_file / 'metrics.jsonl'}")
-        _writable_dir("--log-file", log_file.parent, f" (the directory of {log_file})")
         if log_file.exists() and not resuming:
             raise AiosError(f"--log-file {log_file} already exists: pass a new file (a --resume of this brain "
                             f"continues its own log)")
         if log_file.exists() and not os.access(log_file, os.W_OK):
             raise AiosError(f"--log-file {log_file}: no permission to write it; pass a file you can write")
+    _writable_dir("--bundle-dir", Path(config.bundle_dir))
+    _writable_dir("--data-cache-dir", Path(config.data_cache_dir))
+    if log_file is not None:
+        _writable_dir("--log-file", log_file.parent, f" (the directory of {log_file})")
 
 
 def _check_stop_file(stop_file: str | None) -> None:

@@ -91,6 +91,8 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_zero(tmp_path):
     (["--hidden-size", "33"], "--hidden-size: 33 is not divisible by --num-heads 2"),
     (["--brain-name", "../escape"], "--brain-name '../escape' is not a single directory name"),
     (["--ddp"], "--ddp is not available yet"),
+    (["--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["--weight-decay", "nan"], "--weight-decay must be a finite number, got nan"),
 ])
 def test_bad_input_is_one_red_line_and_exit_2(tmp_path, args, message):
     result = aios("hrm-hf", "train-actv1", *TINY, "--bundle-dir", tmp_path, *args, check=False)
@@ -143,3 +145,52 @@ def test_generate_on_something_that_is_not_a_bundle(tmp_path):
     (tmp_path / "junk").mkdir()
     result = aios("hrm-hf", "generate", "--brain", "junk", "--bundle-dir", tmp_path, check=False)
     assert result.returncode == 2 and "is not a brain bundle" in result.stderr
+
+
+@pytest.mark.parametrize("flag, where, reason", [
+    ("--bundle-dir", "/proc/aios-test/brains", "cannot create it"),
+    ("--data-cache-dir", "{file}/cache", "cannot create it (Not a directory)"),
+    ("--log-file", "{file}/logs/run.jsonl", "cannot create it (Not a directory)"),
+])
+def test_output_paths_that_cannot_be_created_are_one_line(tmp_path, flag, where, reason):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    path = where.format(file=a_file)
+    extra = [] if flag == "--bundle-dir" else ["--bundle-dir", tmp_path / "brains"]
+    result = aios("hrm-hf", "train-actv1", *TINY, *extra, flag, path, check=False)
+    assert result.returncode == 2, result.stderr
+    assert f"{flag} " in result.stderr and reason in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+
+
+def test_resume_with_steps_already_reached_says_so_and_exits_zero(trained):
+    root = trained["bundle_dir"] / "e2e"
+    before = (root / "training_args.json").read_text()
+    result = aios("hrm-hf", "train-actv1", *TINY, "--steps", 2, "--resume", "--bundle-dir", trained["bundle_dir"],
+                  "--data-cache-dir", trained["cache"], "--brain-name", "e2e")
+    assert result.stdout.strip() == ("brain 'e2e' is at step 3; --steps 2 is already reached: nothing to train "
+                                     "(pass a larger --steps to continue it)")
+    assert (root / "training_args.json").read_text() == before
+
+
+def test_sigterm_before_training_starts_exits_cleanly(tmp_path):
+    """SIGTERM while the data is being prepared (6 MB of text take seconds): a message and exit 0, no half
+    dataset and no bundle left behind."""
+    cache, bundle_dir = tmp_path / "cache", tmp_path / "brains"
+    big = tmp_path / "big.txt"
+    big.write_text((REPO / "training_data" / "curated_datasets" / "test_sample.txt").read_text() * 6)
+    process = subprocess.Popen(
+        [*AIOS, "hrm-hf", "train-actv1", *TINY, "--dataset-file", str(big),
+         "--bundle-dir", str(bundle_dir), "--data-cache-dir", str(cache), "--brain-name", "early"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (cache.is_dir() and any(".staging-" in p.name for p in cache.iterdir())):
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before its data preparation could be interrupted"
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert "stopped: SIGTERM before training started; nothing was trained" in stderr
+    assert "Traceback" not in stderr
+    assert not any(cache.iterdir())  # the staging directory was removed
+    assert not (bundle_dir / "early" / "model.safetensors").exists()

@@ -109,6 +109,19 @@ REFUSALS = [
      "e.g. --brain-name my-brain"),
     ({"brain_name": "x" * 101}, "--brain-name is 101 characters long; use at most 100"),
     ({"hidden_sise": 128}, "unknown setting 'hidden_sise'; did you mean 'hidden_size'?"),
+    # no number may be non-finite (an --lr inf run saved NaN weights), and no coercion between kinds
+    ({"lr": float("inf")}, "--lr must be a finite number, got inf; pass e.g. --lr=0.5"),
+    ({"weight_decay": float("inf")}, "--weight-decay must be a finite number, got inf; pass e.g. --weight-decay=0.5"),
+    ({"grad_clip": float("nan")}, "--grad-clip must be a finite number, got nan; pass e.g. --grad-clip=0.5"),
+    ({"expansion": float("-inf")}, "--expansion must be a finite number, got -inf; pass e.g. --expansion=0.5"),
+    ({"lr": "nan"}, "--lr must be a finite number, got 'nan'; pass e.g. --lr=0.5"),
+    ({"steps": True}, "--steps must be a whole number, got True; pass e.g. --steps=4"),
+    ({"batch_size": 4.0}, "--batch-size must be a whole number, got 4.0; pass e.g. --batch-size=4"),
+    ({"lr": False}, "--lr must be a number, got False; pass e.g. --lr=0.5"),
+    ({"amp": 1}, "--amp must be true or false, got 1; write true or false"),
+    ({"iterate": "yes"}, "--iterate must be true or false, got 'yes'; write true or false"),
+    ({"brain_name": 12}, "--brain-name must be text, got 12; quote the value"),
+    ({"optimizer": 3}, "--optimizer must be text, got 3; quote the value"),
 ]
 
 
@@ -257,6 +270,10 @@ def test_load_yaml_accepts_snake_and_kebab_keys(tmp_path):
         ("hidden_size: [\n", "is not valid YAML at line 2; fix the syntax"),
         ("hidden_size: 128\nhidden-size: 256\n", "'hidden_size' is set twice"),
         ("hidden_size: 100\n", "--hidden-size: 100 is not divisible by --num-heads 8; pick a multiple of 8"),
+        ("lr: .inf\n", "--lr must be a finite number, got inf"),
+        ("weight_decay: .nan\n", "--weight-decay must be a finite number, got nan"),
+        ("steps: true\n", "--steps must be a whole number, got True"),
+        ("gradient_checkpointing: 0\n", "--gradient-checkpointing must be true or false, got 0"),
     ],
 )
 def test_load_yaml_refusals(tmp_path, text, message):
@@ -266,6 +283,13 @@ def test_load_yaml_refusals(tmp_path, text, message):
         TrainingConfig.load_yaml(preset)
     assert message in str(info.value)
     assert str(preset) in str(info.value)  # says which file is wrong
+
+
+def test_yaml_numbers_in_exponent_form_are_numbers(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("lr: 1e-3\nweight_decay: 0\n")  # YAML 1.1 reads 1e-3 (no dot) as text
+    config = TrainingConfig.load_yaml(preset)
+    assert (config.lr, config.weight_decay) == (1e-3, 0.0)
 
 
 def test_empty_yaml_is_all_defaults(tmp_path):
