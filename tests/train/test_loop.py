@@ -255,14 +255,34 @@ def test_oom_at_micro_batch_one_gives_up_with_a_clear_message(make_config):
         launch(make_config(), callbacks=InjectOOM(limit=0, start=0))
 
 
+class GradientsBeforeTheUpdate(TrainCallbacks):
+    """The gradients the optimizer is handed, step by step (Adam and clipping would hide a wrong scale)."""
+
+    def __init__(self):
+        self.grads, self.hooked = [], False
+
+    def at(self, trainer, point, micro_step):
+        if not self.hooked:
+            self.hooked = True
+            trainer.optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.grads.append(
+                [p.grad.clone() for group in opt.param_groups for p in group["params"]]))
+
+
 def test_accumulation_1x8_equals_2x4(make_config):
+    grads_one, grads_two = GradientsBeforeTheUpdate(), GradientsBeforeTheUpdate()
     one = launch(make_config(brain_name="1x8", batch_size=8, gradient_accumulation_steps=1,
-                             halt_exploration_prob=0.0))
+                             halt_exploration_prob=0.0, grad_clip=0.0), callbacks=grads_one)
     two = launch(make_config(brain_name="2x4", batch_size=4, gradient_accumulation_steps=2,
-                             halt_exploration_prob=0.0))
+                             halt_exploration_prob=0.0, grad_clip=0.0), callbacks=grads_two)
     la = [r["loss"] for r in records(one.bundle / "metrics.jsonl", "step")]
     lb = [r["loss"] for r in records(two.bundle / "metrics.jsonl", "step")]
     assert la == pytest.approx(lb, rel=1e-4)
+    na = [r["grad_norm"] for r in records(one.bundle / "metrics.jsonl", "step")]
+    nb = [r["grad_norm"] for r in records(two.bundle / "metrics.jsonl", "step")]
+    assert na == pytest.approx(nb, rel=1e-4)  # the same scale, not only the same direction
+    for step_a, step_b in zip(grads_one.grads, grads_two.grads, strict=True):
+        for ga, gb in zip(step_a, step_b, strict=True):
+            torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-7)
     wa, wb = weights(one.bundle), weights(two.bundle)
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-5)
