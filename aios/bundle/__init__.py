@@ -102,6 +102,7 @@ class BrainBundle:
     def lock(self):
         """Hold the bundle for one training run (an advisory lock on its directory): a second run on the same
         brain, which would interleave checkpoints, is refused while this one lives."""
+        created = not self.root.exists()
         self.root.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -113,6 +114,8 @@ class BrainBundle:
         try:
             yield self
         finally:
+            if created and not any(self.root.iterdir()):  # a run that failed before writing leaves no trace
+                self.root.rmdir()
             os.close(fd)  # releases the lock
 
     def write_model(self, model: HRMACTv1) -> None:

@@ -221,7 +221,7 @@ class Trainer:
         self._check_identity(directory, saved.state)
         try:
             self._apply_checkpoint(saved)
-        except (AiosError, RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
             raise ckpt.CheckpointUnusable(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
         log.info("resumed from %s at step %d (micro-batch %d x %d)", directory, self.step, self.micro_batch,
                  self.grad_accum)
@@ -244,6 +244,11 @@ class Trainer:
         if state["seed"] != self.config.seed:
             raise AiosError(f"checkpoint {directory} was trained with --seed {state['seed']}, which fixes its data "
                             f"order: resume with --seed {state['seed']}")
+        asked = (self.config.batch_size, self.config.gradient_accumulation_steps)
+        if self.world != 1 and asked != (state["config_micro_batch"], state["config_grad_accum"]):
+            raise AiosError(f"checkpoint {directory} split its batch as --batch-size {state['config_micro_batch']} "
+                            f"x --gradient-accumulation-steps {state['config_grad_accum']}; changing the split needs "
+                            f"a single worker: keep them as they were")
         if state["optimizer_kind"] != self.optimizer_kind:
             raise AiosError(f"checkpoint {directory} holds {state['optimizer_kind']} optimizer state, this run "
                             f"uses {self.optimizer_kind}: resume with {optimizer_kind_hint(state['optimizer_kind'])} "
@@ -261,7 +266,10 @@ class Trainer:
         self.micro_batch, self.grad_accum = state["micro_batch"], state["grad_accum"]
         _check_carries(saved.carries, self.micro_batch, self.grad_accum, self.carries[0])
         self.sampler = self._new_sampler()
-        self.sampler.load_state_dict(saved.sampler_state)
+        try:  # identity (seed, global batch, data) was checked: what is left to refuse is a malformed state
+            self.sampler.load_state_dict(saved.sampler_state)
+        except AiosError as exc:
+            raise ValueError(str(exc)) from exc
         self._set_carries(saved.carries)
         asked = (cfg.batch_size, cfg.gradient_accumulation_steps)
         if asked != (state["config_micro_batch"], state["config_grad_accum"]) and asked != (self.micro_batch,

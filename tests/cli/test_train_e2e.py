@@ -193,4 +193,4 @@ def test_sigterm_before_training_starts_exits_cleanly(tmp_path):
     assert "stopped: SIGTERM before training started; nothing was trained" in stderr
     assert "Traceback" not in stderr
     assert not any(cache.iterdir())  # the staging directory was removed
-    assert not (bundle_dir / "early" / "model.safetensors").exists()
+    assert not (bundle_dir / "early").exists()  # no empty brain left behind either

@@ -228,3 +228,12 @@ def test_a_second_run_on_a_brain_being_trained_is_refused(make_config):
         with pytest.raises(AiosError, match="is being trained by another process"):
             launch(config)
     assert launch(config).step == 2  # the lock goes with its holder
+
+
+def test_a_run_that_fails_before_writing_leaves_no_brain_directory(make_config, tmp_path):
+    binary = tmp_path / "data.txt"
+    binary.write_bytes(b"\x00\x01" * 100)
+    config = make_config(dataset_file=str(binary))
+    with pytest.raises(AiosError, match="binary"):
+        launch(config)
+    assert not (Path(config.bundle_dir) / config.brain_name).exists()
