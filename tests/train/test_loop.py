@@ -17,6 +17,7 @@ from aios.errors import AiosError
 from aios.train import launch
 from aios.train.checkpoint import list_checkpoints, verify_checkpoint
 from aios.train.loop import TrainCallbacks
+from tests.train.faults import PoisonLogits
 
 SAMPLE = Path(__file__).resolve().parents[2] / "training_data" / "curated_datasets" / "test_sample.txt"
 
@@ -286,22 +287,6 @@ def test_accumulation_1x8_equals_2x4(make_config):
     wa, wb = weights(one.bundle), weights(two.bundle)
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-5)
-
-
-class PoisonLogits(TrainCallbacks):
-    """Make the logits NaN at the given steps (every micro-step of them)."""
-
-    def __init__(self, steps):
-        self.steps = set(steps)
-        self.handle = None
-
-    def at(self, trainer, point, micro_step):
-        if point != "forward":
-            return
-        if self.handle is None:
-            self.handle = trainer.model.inner.lm_head.register_forward_hook(
-                lambda module, args, out: out * float("nan") if self.poison else out)
-        self.poison = trainer.step + 1 in self.steps
 
 
 def test_a_non_finite_step_is_skipped_and_counted(make_config):

@@ -17,6 +17,7 @@ from aios.errors import AiosError
 from aios.train import already_reached_message, launch
 from aios.train import checkpoint as ckpt
 from aios.train.loop import TrainCallbacks
+from tests.train.faults import PoisonLogits
 
 
 def weights(root: Path) -> dict[str, torch.Tensor]:
@@ -116,19 +117,6 @@ def test_non_finite_weights_never_overwrite_a_good_bundle(make_config):
     assert ckpt.verify_checkpoint(first.bundle / "checkpoints" / "step-000002") is None
 
 
-class PoisonAt(TrainCallbacks):
-    def __init__(self, step: int):
-        self.step, self.handle = step, None
-
-    def at(self, trainer, point, micro_step):
-        if point != "forward":
-            return
-        if self.handle is None:
-            self.handle = trainer.model.inner.lm_head.register_forward_hook(
-                lambda module, args, out: out * float("nan") if self.poison else out)
-        self.poison = trainer.step + 1 == self.step
-
-
 def _strict_json(text: str):
     def refuse(name):
         raise ValueError(f"not JSON: {name}")
@@ -137,7 +125,7 @@ def _strict_json(text: str):
 
 
 def test_every_json_file_is_strict_json_even_after_a_non_finite_step(make_config):
-    result = launch(make_config(steps=3, eval_every=1), callbacks=PoisonAt(3))
+    result = launch(make_config(steps=3, eval_every=1), callbacks=PoisonLogits({3}))
     lines = (result.bundle / "metrics.jsonl").read_text().splitlines()
     parsed = [_strict_json(line) for line in lines]
     poisoned = next(r for r in parsed if r["event"] == "step" and r["step"] == 3)
@@ -150,7 +138,7 @@ def test_every_json_file_is_strict_json_even_after_a_non_finite_step(make_config
 def test_a_skipped_step_leaves_weights_and_optimizer_state_unchanged(make_config):
     seen = {}
 
-    class Watch(PoisonAt):
+    class Watch(PoisonLogits):
         def at(self, trainer, point, micro_step):
             super().at(trainer, point, micro_step)
             if point == "optimizer_step" and trainer.step == 2:  # before the poisoned step's update
@@ -168,7 +156,7 @@ def test_a_skipped_step_leaves_weights_and_optimizer_state_unchanged(make_config
                         assert torch.equal(tensor, seen["moments"][key][name]), (key, name)
                 seen["checked"] = True
 
-    launch(make_config(steps=4), callbacks=Watch(3))
+    launch(make_config(steps=4), callbacks=Watch({3}))
     assert seen["checked"]
 
 
