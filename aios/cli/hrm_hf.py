@@ -154,14 +154,15 @@ def eval_command(
     """Loss, perplexity, token accuracy and ACT segments of a brain on a text file (prints JSON)."""
     import json
 
-    from aios.data import prepare_dataset
+    from aios.data import PrepareOptions, flags, prepare_dataset
     from aios.inference import evaluate_lm
 
     bundle, model, tokenizer, dev = _load_brain(brain, bundle_dir, device)
+    options = PrepareOptions(max_seq_len=model.config.seq_len, chunk_size=4096, text_mode=text_mode,
+                             text_field=text_field)
     try:
-        data = prepare_dataset(eval_file, tokenizer, str(bundle.root), max_seq_len=model.config.seq_len,
-                               chunk_size=4096, cache_dir=data_cache_dir, text_field=text_field,
-                               text_mode=text_mode)
+        data = prepare_dataset(eval_file, tokenizer, str(bundle.root), options, flags=flags.EVAL,
+                               cache_dir=data_cache_dir)
     except AiosError as exc:
         raise AiosError(f"--eval-file: {exc}") from None
     result = evaluate_lm(model, data.sequential_batches(batch_size, eval_batches), dev)

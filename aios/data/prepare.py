@@ -1,7 +1,8 @@
 """Prepare a text dataset once: tokenise, pack into fixed windows, store as chunk files.
 
+    options = PrepareOptions(max_seq_len=256, chunk_size=1024, text_mode="document")
     prepared = prepare_dataset("training_data/curated_datasets/test_sample.txt", tok, "shakespeare-bpe-2k",
-                               max_seq_len=256, chunk_size=1024, cache_dir="artifacts/prepared_data")
+                               options, flags=PREPARE, cache_dir="artifacts/prepared_data")
 
 Samples are tokenised in batches with the fast tokenizer, each document is followed by EOS, and the token
 stream is cut into non-overlapping windows of max_seq_len + 1 tokens (input and shifted target of one
@@ -16,6 +17,8 @@ staging directory and renamed in whole, so a crash never leaves a half dataset t
 
 The last ceil(holdout_fraction * N) sequences are held out for evaluation: a contiguous tail of the text,
 and since windows do not overlap, no held-out token is ever seen in training.
+
+Errors name the flags of the calling command, passed as `flags` (see flags.py).
 """
 
 from __future__ import annotations
@@ -36,15 +39,15 @@ import numpy as np
 
 from aios.atomic import atomic_write_text, install_dir, make_staging_dir
 from aios.data.dataset import FORMAT_VERSION, MANIFEST_NAME, PreparedDataset, chunk_file_name
+from aios.data.flags import DataFlags, either
 from aios.data.sources import (
     TEXT_MODES,
     ReadCounts,
     Segment,
     SourceFile,
     TextMode,
-    inspect_file,
+    inspect_source,
     iter_segments,
-    resolve_source,
 )
 from aios.errors import AiosError
 from aios.paths import DEFAULT_DATA_CACHE_DIR
@@ -72,20 +75,28 @@ class PrepareOptions:
     ascii_only: bool = False
     holdout_fraction: float = 0.0
 
-    def validate(self) -> None:
+    def validate(self, flags: DataFlags) -> None:
         """Raise AiosError for the first option out of range."""
+
+        def fix(flag: str | None, value: str) -> str:
+            return f": pass {flag} {value}" if flag else ""
+
         if self.max_seq_len < 1:
-            raise AiosError(f"max_seq_len must be at least 1, got {self.max_seq_len}: pass --max-seq-len >= 1")
+            raise AiosError(
+                f"max_seq_len must be at least 1, got {self.max_seq_len}{fix(flags.max_seq_len, '>= 1')}"
+            )
         if self.chunk_size < 1:
             raise AiosError(
-                f"dataset chunk size must be at least 1, got {self.chunk_size}: pass --dataset-chunk-size >= 1"
+                f"dataset chunk size must be at least 1, got {self.chunk_size}{fix(flags.chunk_size, '>= 1')}"
             )
         if self.text_mode not in TEXT_MODES:
-            raise AiosError(
-                f"unknown text mode '{self.text_mode}': pass --text-mode lines or --text-mode document"
-            )
+            modes = f"lines or {flags.text_mode} document"
+            raise AiosError(f"unknown text mode '{self.text_mode}'{fix(flags.text_mode, modes)}")
         if not 0.0 <= self.holdout_fraction < 1.0:
-            raise AiosError(f"holdout fraction must be in [0, 1), got {self.holdout_fraction}: pass e.g. 0.05")
+            raise AiosError(
+                f"holdout fraction must be in [0, 1), got {self.holdout_fraction}"
+                f"{fix(flags.holdout_fraction, 'e.g. 0.05')}"
+            )
 
     def identity(self) -> dict:
         """The options as fingerprint keys. The field names are those keys: renaming a field changes
@@ -108,36 +119,26 @@ def prepare_dataset(
     source: str | os.PathLike,
     tokenizer: PreTrainedTokenizerFast,
     tokenizer_name: str,
+    options: PrepareOptions,
     *,
-    max_seq_len: int,
-    chunk_size: int,
+    flags: DataFlags,
     cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR,
-    text_mode: TextMode = "lines",
-    text_field: str = "text",
-    ascii_only: bool = False,
-    holdout_fraction: float = 0.0,
     progress: bool = False,
 ) -> PreparedDataset:
-    """Prepare `source` (or reuse its cached preparation) and open it."""
-    options = PrepareOptions(
-        max_seq_len=max_seq_len,
-        chunk_size=chunk_size,
-        text_mode=text_mode,
-        text_field=text_field,
-        ascii_only=ascii_only,
-        holdout_fraction=holdout_fraction,
-    )
-    options.validate()
-    if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
-        raise AiosError(f"the data cache {cache_dir} is a file, not a directory: pass a directory to "
-                        f"--data-cache-dir / --cache-dir")
-    if getattr(tokenizer, "eos_token_id", None) is None:
-        raise AiosError(
-            f"tokenizer '{tokenizer_name}' has no EOS token, which separates documents: "
-            f"use a tokenizer with an eos_token (aios tokenizers add <|endoftext|>)"
-        )
+    """Prepare `source` (or reuse its cached preparation) and open it.
 
-    sources = [inspect_file(path, name) for path, name in resolve_source(source)]
+    `flags` names the calling command's flag for each input, for the fixes its errors suggest.
+    """
+    options.validate(flags)
+    if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        fix = f"pass a directory to {flags.cache_dir}" if flags.cache_dir else "remove the file"
+        raise AiosError(f"the data cache {cache_dir} is a file, not a directory: {fix}")
+    if getattr(tokenizer, "eos_token_id", None) is None:
+        fix = (f"pass {flags.tokenizer} a tokenizer with an eos_token (aios tokenizers add <|endoftext|>)"
+               if flags.tokenizer else "use a tokenizer with an eos_token (aios tokenizers add <|endoftext|>)")
+        raise AiosError(f"tokenizer '{tokenizer_name}' has no EOS token, which separates documents: {fix}")
+
+    sources = inspect_source(source, flags)
     tokenizer_fp = tokenizer_fingerprint(tokenizer)
     fingerprint = dataset_fingerprint(sources, tokenizer_fp, options)
     final_dir = Path(cache_dir) / fingerprint[:16]
@@ -157,6 +158,7 @@ def prepare_dataset(
             fingerprint=fingerprint,
             source_spec=os.fspath(source),
             options=options,
+            flags=flags,
             progress=progress,
         )
     except BaseException:
@@ -285,6 +287,7 @@ def _build(
     fingerprint: str,
     source_spec: str,
     options: PrepareOptions,
+    flags: DataFlags,
     progress: bool,
 ) -> dict:
     vocab_size = len(tokenizer)
@@ -304,6 +307,7 @@ def _build(
                 text_field=options.text_field,
                 ascii_only=options.ascii_only,
                 counts=counts,
+                flags=flags,
             )
             if not split_documents:
                 segments = _merge_pieces(segments)
@@ -318,26 +322,32 @@ def _build(
             bar.file_done(source.size)
         tail_dropped = writer.finish()
 
+    more_text = f"more text to {flags.source}"
     if counts.samples_read == 0:
-        dropped = f" ({counts.samples_dropped_non_ascii} non-ASCII samples dropped by --ascii-only)"
+        dropped = counts.samples_dropped_non_ascii
+        why, ascii_fix = "", None
+        if dropped:
+            why = f" ({dropped} non-ASCII samples dropped{f' by {flags.ascii_only}' if flags.ascii_only else ''})"
+            ascii_fix = f"turn off {flags.ascii_only}" if flags.ascii_only else None
         raise AiosError(
-            f"dataset '{source_spec}' has no usable text"
-            f"{dropped if counts.samples_dropped_non_ascii else ''}: pass files with text in them"
-            f"{' or leave out --ascii-only' if counts.samples_dropped_non_ascii else ''}"
+            f"dataset '{source_spec}' has no usable text{why}: "
+            f"{either(f'pass files with text in them to {flags.source}', ascii_fix)}"
         )
     num_sequences = sum(c["sequences"] for c in writer.chunks)
+    smaller_seq_len = f"a smaller {flags.max_seq_len}" if flags.max_seq_len else None
     if num_sequences == 0:
         suggestion = max(1, 2 ** int(math.log2(max(2, writer.tokens // 8))))
         raise AiosError(
             f"dataset '{source_spec}' has {writer.tokens} tokens, fewer than one window of max_seq_len + 1 "
-            f"= {window}: pass a smaller --max-seq-len (e.g. {suggestion}) or more text"
+            f"= {window}: pass {either(smaller_seq_len and f'{smaller_seq_len} (e.g. {suggestion})', more_text)}"
         )
     holdout_fraction = options.holdout_fraction
     num_holdout = math.ceil(holdout_fraction * num_sequences) if holdout_fraction > 0 else 0
     if num_holdout >= num_sequences:
+        smaller_holdout = f"a smaller {flags.holdout_fraction}" if flags.holdout_fraction else None
         raise AiosError(
             f"holdout fraction {holdout_fraction} of {num_sequences} sequences leaves none for training: "
-            f"pass a smaller --holdout-fraction, a smaller --max-seq-len or more text"
+            f"pass {either(smaller_holdout, smaller_seq_len, more_text)}"
         )
 
     manifest = {
