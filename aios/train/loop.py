@@ -146,13 +146,18 @@ class Trainer:
 
     # -- setup ------------------------------------------------------------------------------------------
     def _prepare_data(self) -> tuple[PreparedDataset, PreparedDataset]:
-        """The training data and the evaluation data (the same dataset without --eval-file)."""
+        """The training data and the evaluation data (the same dataset without --eval-file).
+
+        The training data always holds out its last HOLDOUT_FRACTION, so that adding or removing --eval-file
+        leaves its fingerprint, and so `--resume`, unchanged; with --eval-file evaluation reads that file
+        instead and the tail goes unused.
+        """
         from aios.data import PrepareOptions, flags
 
         cfg = self.config
         options = PrepareOptions(max_seq_len=cfg.max_seq_len, chunk_size=cfg.dataset_chunk_size,
                                  text_mode=cfg.text_mode, text_field=cfg.text_field, ascii_only=cfg.ascii_only,
-                                 holdout_fraction=0.0 if cfg.eval_file else HOLDOUT_FRACTION)
+                                 holdout_fraction=HOLDOUT_FRACTION)
         common = dict(cache_dir=cfg.data_cache_dir, progress=cfg.progress and self.is_main)
         train = evaluation = prepare_dataset(cfg.dataset_file, self.tokenizer, cfg.model, options,
                                              flags=flags.TRAIN, **common)
