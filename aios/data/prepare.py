@@ -124,10 +124,13 @@ def prepare_dataset(
     flags: DataFlags,
     cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR,
     progress: bool = False,
+    disjoint_from: PreparedDataset | None = None,
 ) -> PreparedDataset:
     """Prepare `source` (or reuse its cached preparation) and open it.
 
-    `flags` names the calling command's flag for each input, for the fixes its errors suggest.
+    `flags` names the calling command's flag for each input, for the fixes its errors suggest. With
+    `disjoint_from` (the training data, when `source` is evaluation text), a source file with the same
+    bytes as one of that dataset's sources is refused before any tokenising: a train/eval leak.
     """
     options.validate(flags)
     if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
@@ -139,6 +142,8 @@ def prepare_dataset(
         raise AiosError(f"tokenizer '{tokenizer_name}' has no EOS token, which separates documents: {fix}")
 
     sources = inspect_source(source, flags)
+    if disjoint_from is not None:
+        _refuse_shared_sources(sources, disjoint_from, os.fspath(source), flags)
     tokenizer_fp = tokenizer_fingerprint(tokenizer)
     fingerprint = dataset_fingerprint(sources, tokenizer_fp, options)
     final_dir = Path(cache_dir) / fingerprint[:16]
@@ -170,6 +175,22 @@ def prepare_dataset(
     install_dir(staging_dir, final_dir, replace=replace)
     log.info("prepared %d sequences in %s", manifest["counts"]["sequences"], final_dir)
     return PreparedDataset(final_dir)
+
+
+def _refuse_shared_sources(
+    sources: list[SourceFile], other: PreparedDataset, source_spec: str, flags: DataFlags
+) -> None:
+    """AiosError when a file of `sources` has the bytes of a source of `other` (same file, a file inside
+    its directory or glob, or a copy): compared by the sha256 that preparation computes anyway."""
+    theirs = {s["sha256"]: s["name"] for s in other.manifest["sources"]}
+    for mine in sources:
+        if mine.sha256 in theirs:
+            where = "" if mine.relative_name == Path(source_spec).name else f" ('{mine.relative_name}')"
+            raise AiosError(
+                f"'{source_spec}'{where} is part of the training data: it has the same bytes "
+                f"as '{theirs[mine.sha256]}' of '{other.manifest['source']}', so the evaluation would "
+                f"measure memorisation; pass text that is not in the training data to {flags.source}"
+            )
 
 
 def _open_if_valid(directory: Path, fingerprint: str, *, quiet: bool = False) -> PreparedDataset | None:

@@ -150,7 +150,7 @@ class Trainer:
 
         The training data always holds out its last HOLDOUT_FRACTION, so that adding or removing --eval-file
         leaves its fingerprint, and so `--resume`, unchanged; with --eval-file evaluation reads that file
-        instead and the tail goes unused.
+        instead (refused when it is part of the training data) and the tail goes unused.
         """
         from aios.data import PrepareOptions, flags
 
@@ -165,7 +165,8 @@ class Trainer:
             try:
                 evaluation = prepare_dataset(cfg.eval_file, self.tokenizer, cfg.model,
                                              dataclasses.replace(options, holdout_fraction=0.0),
-                                             flags=flags.TRAIN.for_source("--eval-file"), **common)
+                                             flags=flags.TRAIN.for_source("--eval-file"), disjoint_from=train,
+                                             **common)
             except AiosError as exc:
                 raise AiosError(f"--eval-file: {exc}") from None
         return train, evaluation

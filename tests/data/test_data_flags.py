@@ -205,3 +205,10 @@ def test_bad_prepare_options_name_their_flag(args, expected, shared, tmp_path, c
             "16", "--dataset-chunk-size", "64", "--cache-dir", str(tmp_path / "cache")]
     message = run(capsys, [*base, *args])
     assert assert_real_flags(message, "prepare") == expected
+
+
+def test_an_eval_file_that_is_training_data_names_train_flags(shared, tmp_path, capsys):
+    text = str(shared["text"])
+    message = run(capsys, train_args(shared, tmp_path, "--dataset-file", text, "--eval-file", text))
+    assert "is part of the training data" in message
+    assert assert_real_flags(message, "train-actv1") == {"--eval-file"}

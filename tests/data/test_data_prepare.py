@@ -261,3 +261,27 @@ def test_get_reads_only_the_chunks_it_needs(small_dataset: PreparedDataset):
         assert np.array_equal(row, chunk[i % 16])
     with pytest.raises(IndexError):
         reader.get(np.array([reader.num_sequences]))
+
+
+def test_a_source_with_the_bytes_of_a_training_source_is_refused_before_tokenising(
+    two_plays: Path, tokenizer, tmp_path: Path
+):
+    from aios.errors import AiosError
+
+    train = prepare(two_plays, tokenizer, max_seq_len=63, chunk_size=64, cache_dir=tmp_path / "cache",
+                    text_mode="document")
+    copy = tmp_path / "held-out.txt"
+    copy.write_bytes((two_plays / "b.txt").read_bytes())
+    counting = CountingTokenizer(tokenizer)
+    options = PrepareOptions(max_seq_len=63, chunk_size=64)
+    with pytest.raises(AiosError, match=r"'.*held-out.txt' is part of the training data: it has the same bytes "
+                                        r"as 'b.txt' of '.*plays'"):
+        prepare_dataset(str(copy), counting, "bpe-512", options, flags=PREPARE, cache_dir=tmp_path / "cache",
+                        disjoint_from=train)
+    assert counting.encodes == 0
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [train.path.name]
+    other = tmp_path / "other.txt"
+    other.write_text((two_plays / "b.txt").read_text() + "One more line.\n")
+    held_out = prepare_dataset(str(other), tokenizer, "bpe-512", options, flags=PREPARE,
+                               cache_dir=tmp_path / "cache", disjoint_from=train)
+    assert held_out.num_sequences > 0

@@ -1,11 +1,16 @@
-"""The data of a training run: its identity with or without --eval-file."""
+"""The data of a training run: its identity with or without --eval-file, train/eval leaks."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import pytest
+
 from aios.bundle import BrainBundle
+from aios.cli import main as cli_main
+from aios.errors import AiosError
 from aios.train import launch
 from aios.train.checkpoint import load_state
 
@@ -42,3 +47,43 @@ def test_adding_then_removing_eval_file_on_resume_keeps_the_training_data(make_c
     assert without.step == 6
     assert load_state(without.bundle / "checkpoints" / "step-000006")["dataset_fingerprint"] == fingerprint
     assert records(without.bundle / "metrics.jsonl", "start")[-1]["eval_sequences"] == start["eval_sequences"]
+
+
+# ---- train/eval leaks -----------------------------------------------------------------------------------
+
+@pytest.fixture
+def plays_dir(tmp_path: Path, small_text: Path) -> Path:
+    folder = tmp_path / "plays"
+    folder.mkdir()
+    shutil.copy(small_text, folder / "a.txt")
+    (folder / "b.txt").write_text(EVAL_TEXT.read_text()[:20_000])
+    return folder
+
+
+@pytest.mark.parametrize("how", ["the same file", "a file inside the directory", "a file the glob matches",
+                                 "a byte-identical copy"])
+def test_an_eval_file_that_is_part_of_the_training_data_is_refused_before_training(make_config, plays_dir,
+                                                                                  tmp_path, how):
+    dataset, eval_file = {
+        "the same file": (plays_dir / "a.txt", plays_dir / "a.txt"),
+        "a file inside the directory": (plays_dir, plays_dir / "b.txt"),
+        "a file the glob matches": (plays_dir / "*.txt", plays_dir / "b.txt"),
+        "a byte-identical copy": (plays_dir, tmp_path / "copy.txt"),
+    }[how]
+    if how == "a byte-identical copy":
+        shutil.copy(plays_dir / "a.txt", eval_file)
+    config = make_config(dataset_file=str(dataset), eval_file=str(eval_file))
+    with pytest.raises(AiosError) as info:
+        launch(config)
+    message = str(info.value)
+    assert message.startswith(f"--eval-file: '{eval_file}' is part of the training data")
+    assert message.endswith("pass text that is not in the training data to --eval-file")
+    assert not Path(config.bundle_dir).exists()  # refused before anything of the run was written
+
+
+def test_a_leak_is_one_red_line_and_exit_2_through_the_command(make_config, small_text, tmp_path, capsys):
+    config = make_config(eval_file=str(small_text))
+    code = cli_main.main(["hrm-hf", "train-actv1", *config.to_cli_args()])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: --eval-file:") and len(err.strip().splitlines()) == 1
+    assert not Path(config.bundle_dir).exists()
