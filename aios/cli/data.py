@@ -15,6 +15,7 @@ from aios.data import (
     PrepareOptions,
     flags,
     prepare_dataset,
+    warn_unused_options,
 )
 from aios.tokenizers import load_tokenizer
 
@@ -80,6 +81,7 @@ def prepare(
     dataset = prepare_dataset(
         dataset_file, tokenizer, model, options, flags=flags.PREPARE, cache_dir=cache_dir, progress=True
     )
+    warn_unused_options(options, [dataset], flags.PREPARE)
     counts = dataset.manifest["counts"]
     console.print(f"prepared dataset: {dataset.path}", highlight=False, soft_wrap=True)
     console.print(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from aios.data.dataset import PreparedDataset
 from aios.data.flags import DataFlags
-from aios.data.prepare import DEFAULT_CACHE_DIR, PrepareOptions, prepare_dataset
+from aios.data.prepare import DEFAULT_CACHE_DIR, PrepareOptions, prepare_dataset, warn_unused_options
 from aios.data.sampler import ChunkSampler, merge_sampler_states, sampler_progress
 
 __all__ = [
@@ -24,4 +24,5 @@ __all__ = [
     "merge_sampler_states",
     "prepare_dataset",
     "sampler_progress",
+    "warn_unused_options",
 ]

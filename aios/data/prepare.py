@@ -11,9 +11,10 @@ stored (document) order as `chunk-00000.npy`, ... of `chunk_size` windows each (
 uint16 when the vocabulary fits, else uint32, next to `manifest.json`.
 
 The prepared directory is `<cache_dir>/<fingerprint[:16]>/`, where the fingerprint hashes everything that
-decides its content (source bytes and names, tokenizer, window, chunk size, text options, holdout, format
-version). An existing directory with a valid manifest is reused without tokenising again; it is built in a
-staging directory and renamed in whole, so a crash never leaves a half dataset that would be reused.
+decides its content (source bytes and names, tokenizer, window, chunk size, the text options that apply to
+the sources' formats, holdout, format version). An existing directory with a valid manifest is reused
+without tokenising again; it is built in a staging directory and renamed in whole, so a crash never leaves
+a half dataset that would be reused.
 
 The last ceil(holdout_fraction * N) sequences are held out for evaluation: a contiguous tail of the text,
 and since windows do not overlap, no held-out token is ever seen in training.
@@ -30,8 +31,8 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Collection, Iterable, Iterator
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,6 +42,7 @@ from aios.atomic import atomic_write_text, install_dir, make_staging_dir
 from aios.data.dataset import FORMAT_VERSION, MANIFEST_NAME, PreparedDataset, chunk_file_name
 from aios.data.flags import DataFlags, either
 from aios.data.sources import (
+    OPTION_SUFFIXES,
     TEXT_MODES,
     ReadCounts,
     Segment,
@@ -48,6 +50,7 @@ from aios.data.sources import (
     TextMode,
     inspect_source,
     iter_segments,
+    option_applies,
 )
 from aios.errors import AiosError
 from aios.paths import DEFAULT_DATA_CACHE_DIR
@@ -66,7 +69,7 @@ TOKENIZE_BATCH_SAMPLES = 4096
 @dataclass(frozen=True)
 class PrepareOptions:
     """How a source is turned into windows: everything besides the source and tokenizer that decides
-    the prepared content, so all of it is part of the fingerprint."""
+    the prepared content, so all of it is part of the fingerprint (once `applied_to` the sources)."""
 
     max_seq_len: int
     chunk_size: int
@@ -103,6 +106,47 @@ class PrepareOptions:
         every fingerprint and so invalidates every existing prepared dataset."""
         return asdict(self)
 
+    def applied_to(self, suffixes: Collection[str]) -> PrepareOptions:
+        """These options with those that affect none of the formats `suffixes` (`OPTION_SUFFIXES`) set back
+        to their defaults, so that they do not change the fingerprint: --text-mode only matters for .txt,
+        --text-field only for .jsonl/.csv. (Resetting rather than dropping the key keeps the fingerprints of
+        datasets prepared before this rule.)"""
+        defaults = {f.name: f.default for f in fields(self)}
+        unused = [name for name in OPTION_SUFFIXES if not option_applies(name, suffixes)]
+        return replace(self, **{name: defaults[name] for name in unused})
+
+    def text_options(self, suffixes: Collection[str]) -> dict:
+        """The text options that affect the formats `suffixes`, as the manifest records them."""
+        names = ("text_mode", "text_field", "ascii_only")
+        return {name: getattr(self, name) for name in names if option_applies(name, suffixes)}
+
+
+def warn_unused_options(
+    options: PrepareOptions,
+    datasets: Iterable[PreparedDataset],
+    flags: DataFlags,
+    names: Collection[str] = tuple(OPTION_SUFFIXES),
+) -> list[str]:
+    """Warn about each option of `names` that has a non-default value but affects none of the datasets'
+    source formats, so it had no effect (preparation ignored it); returns those option names.
+
+    The caller passes every dataset the options were used for (train-actv1: the training data and the
+    --eval-file data), and only the options its user chose (eval leaves out those taken from the brain).
+    """
+    datasets = list(datasets)
+    suffixes = {Path(s["name"]).suffix.lower() for d in datasets for s in d.manifest["sources"]}
+    defaults = {f.name: f.default for f in fields(options)}
+    unused = []
+    for name in names:
+        value = getattr(options, name)
+        if value != defaults[name] and not option_applies(name, suffixes):
+            flag = getattr(flags, name) or name
+            where = " and ".join(f"'{d.manifest['source']}'" for d in datasets)
+            log.warning("%s %s has no effect: it only applies to %s files and %s %s none; drop %s", flag, value,
+                        "/".join(OPTION_SUFFIXES[name]), where, "have" if len(datasets) > 1 else "has", flag)
+            unused.append(name)
+    return unused
+
 
 def dataset_fingerprint(sources: list[SourceFile], tokenizer_fp: str, options: PrepareOptions) -> str:
     """sha256 over everything that decides the prepared content."""
@@ -131,6 +175,9 @@ def prepare_dataset(
     `flags` names the calling command's flag for each input, for the fixes its errors suggest. With
     `disjoint_from` (the training data, when `source` is evaluation text), a source file with the same
     bytes as one of that dataset's sources is refused before any tokenising: a train/eval leak.
+
+    Options that affect none of the sources' formats are ignored (`PrepareOptions.applied_to`); the caller
+    warns about them with `warn_unused_options`.
     """
     options.validate(flags)
     if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
@@ -144,6 +191,7 @@ def prepare_dataset(
     sources = inspect_source(source, flags)
     if disjoint_from is not None:
         _refuse_shared_sources(sources, disjoint_from, os.fspath(source), flags)
+    options = options.applied_to({s.path.suffix.lower() for s in sources})
     tokenizer_fp = tokenizer_fingerprint(tokenizer)
     fingerprint = dataset_fingerprint(sources, tokenizer_fp, options)
     final_dir = Path(cache_dir) / fingerprint[:16]
@@ -396,11 +444,7 @@ def _build(
             }
             for s in sources
         ],
-        "text_options": {
-            "text_mode": options.text_mode,
-            "text_field": options.text_field,
-            "ascii_only": options.ascii_only,
-        },
+        "text_options": options.text_options({s.path.suffix.lower() for s in sources}),
         "counts": {
             "samples_read": counts.samples_read,
             "samples_dropped_non_ascii": counts.samples_dropped_non_ascii,

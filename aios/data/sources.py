@@ -13,7 +13,8 @@ Samples:
 - .jsonl: one sample per line, the string in field `text_field` of the JSON object on that line.
 - .csv: one sample per row, the cell in column `text_field` (the header names the columns).
 Blank samples are skipped. With `ascii_only`, a sample that contains a non-ASCII character is dropped and
-counted (for "document" mode that is the whole file).
+counted (for "document" mode that is the whole file). `text_mode` only affects .txt files and `text_field`
+only .jsonl/.csv files (`OPTION_SUFFIXES`).
 
 Errors name the flags of the calling command (`DataFlags`).
 """
@@ -26,7 +27,7 @@ import glob
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -40,6 +41,13 @@ SUPPORTED_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl", ".csv")
 BINARY_PROBE_BYTES = 8192  # a NUL byte in the first 8 KB marks a file as binary
 HASH_BLOCK_BYTES = 1 << 20
 DOCUMENT_PIECE_CHARS = 1 << 16
+# The formats a text option affects (the other options affect every format).
+OPTION_SUFFIXES: dict[str, tuple[str, ...]] = {"text_mode": (".txt",), "text_field": (".jsonl", ".csv")}
+
+
+def option_applies(name: str, suffixes: Collection[str]) -> bool:
+    """Whether option `name` affects how files with these suffixes are read."""
+    return name not in OPTION_SUFFIXES or not set(suffixes).isdisjoint(OPTION_SUFFIXES[name])
 
 
 def _fix_source(flags: DataFlags) -> str:

@@ -152,7 +152,7 @@ class Trainer:
         leaves its fingerprint, and so `--resume`, unchanged; with --eval-file evaluation reads that file
         instead (refused when it is part of the training data) and the tail goes unused.
         """
-        from aios.data import PrepareOptions, flags
+        from aios.data import PrepareOptions, flags, warn_unused_options
 
         cfg = self.config
         options = PrepareOptions(max_seq_len=cfg.max_seq_len, chunk_size=cfg.dataset_chunk_size,
@@ -169,6 +169,7 @@ class Trainer:
                                              **common)
             except AiosError as exc:
                 raise AiosError(f"--eval-file: {exc}") from None
+        warn_unused_options(options, [train] if evaluation is train else [train, evaluation], flags.TRAIN)
         return train, evaluation
 
     def _new_sampler(self) -> ChunkSampler:

@@ -7,6 +7,8 @@ The data code serves `aios hrm-hf train-actv1` (training text and --eval-file), 
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 from pathlib import Path
 
@@ -212,3 +214,24 @@ def test_an_eval_file_that_is_training_data_names_train_flags(shared, tmp_path, 
     message = run(capsys, train_args(shared, tmp_path, "--dataset-file", text, "--eval-file", text))
     assert "is part of the training data" in message
     assert assert_real_flags(message, "train-actv1") == {"--eval-file"}
+
+
+@pytest.mark.parametrize("command", ["train-actv1", "prepare"])
+def test_warnings_about_options_without_effect_name_flags_of_the_command(command, shared, tmp_path, caplog,
+                                                                         capsys):
+    lines = [line for line in shared["text"].read_text().splitlines() if line.strip()]
+    rows, held_out = tmp_path / "rows.jsonl", tmp_path / "held-out.jsonl"
+    rows.write_text("".join(json.dumps({"text": line}) + "\n" for line in lines[:-50]))
+    held_out.write_text("".join(json.dumps({"text": line}) + "\n" for line in lines[-50:]))
+    if command == "train-actv1":
+        args = train_args(shared, tmp_path, "--dataset-file", str(rows), "--eval-file", str(held_out),
+                          "--brain-name", "warned", "--text-mode", "document")
+    else:
+        args = ["data", "prepare", "--dataset-file", str(rows), "--model", str(TOKENIZER), "--max-seq-len", "16",
+                "--dataset-chunk-size", "64", "--cache-dir", str(tmp_path / "cache"), "--text-mode", "document"]
+    with caplog.at_level(logging.WARNING, logger="aios.data.prepare"):
+        code = cli_main.main(args)
+    assert code == 0, capsys.readouterr().err
+    warnings = [r.getMessage() for r in caplog.records if "has no effect" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("--text-mode document has no effect"), warnings
+    assert assert_real_flags(warnings[0], command) == {"--text-mode"}

@@ -108,7 +108,7 @@ def test_manifest_records_what_made_the_dataset(two_plays: Path, tokenizer, tmp_
         "eos_id": tokenizer.eos_token_id,
     }
     assert (m["seq_len"], m["window"], m["chunk_size"], m["dtype"]) == (31, 32, 50, "uint16")
-    assert m["text_options"] == {"text_mode": "document", "text_field": "text", "ascii_only": False}
+    assert m["text_options"] == {"text_mode": "document", "ascii_only": False}  # text_field: .jsonl/.csv only
     assert [(s["name"], s["size"], s["samples"]) for s in m["sources"]] == [
         ("a.txt", (two_plays / "a.txt").stat().st_size, 1),
         ("b.txt", (two_plays / "b.txt").stat().st_size, 1),
@@ -261,6 +261,65 @@ def test_get_reads_only_the_chunks_it_needs(small_dataset: PreparedDataset):
         assert np.array_equal(row, chunk[i % 16])
     with pytest.raises(IndexError):
         reader.get(np.array([reader.num_sequences]))
+
+
+def test_options_that_affect_none_of_the_formats_leave_the_fingerprint_alone(tmp_path: Path, tokenizer, caplog):
+    from aios.data import warn_unused_options
+
+    text = tmp_path / "plays.txt"
+    text.write_text("\n".join(f"Line {i} of the play, spoken aloud." for i in range(300)) + "\n")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": f"Row {i}.", "body": f"Body {i}."}) + "\n" for i in range(300)))
+    both = tmp_path / "both"
+    both.mkdir()
+    for file in (text, rows):
+        (both / file.name).write_bytes(file.read_bytes())
+
+    def fingerprint(source, **options):
+        return prepare(source, tokenizer, max_seq_len=15, chunk_size=32, cache_dir=tmp_path / "cache",
+                       **options).fingerprint
+
+    # --text-field only affects .jsonl/.csv, --text-mode only .txt: elsewhere they change nothing.
+    assert fingerprint(text, text_field="body") == fingerprint(text)
+    assert fingerprint(rows, text_mode="document") == fingerprint(rows)
+    assert fingerprint(rows, text_field="body") != fingerprint(rows)
+    assert fingerprint(both, text_field="body") != fingerprint(both)
+    assert fingerprint(both, text_mode="document") != fingerprint(both)
+    # The manifest records the options that apply.
+    txt_only = prepare(text, tokenizer, max_seq_len=15, chunk_size=32, cache_dir=tmp_path / "c2")
+    assert txt_only.manifest["text_options"] == {"text_mode": "lines", "ascii_only": False}
+    jsonl_only = prepare(rows, tokenizer, max_seq_len=15, chunk_size=32, cache_dir=tmp_path / "c2")
+    assert jsonl_only.manifest["text_options"] == {"text_field": "text", "ascii_only": False}
+
+    # The caller warns about each one that had no effect on any of its datasets.
+    document = PrepareOptions(max_seq_len=15, chunk_size=32, text_mode="document", text_field="body")
+    with caplog.at_level(logging.WARNING, logger="aios.data.prepare"):
+        assert warn_unused_options(document, [jsonl_only], PREPARE) == ["text_mode"]
+        assert warn_unused_options(document, [txt_only], PREPARE) == ["text_field"]
+        assert warn_unused_options(document, [txt_only, jsonl_only], PREPARE) == []
+        assert warn_unused_options(PrepareOptions(max_seq_len=15, chunk_size=32), [txt_only], PREPARE) == []
+    assert [r.getMessage() for r in caplog.records] == [
+        f"--text-mode document has no effect: it only applies to .txt files and '{rows}' has none; drop --text-mode",
+        f"--text-field body has no effect: it only applies to .jsonl/.csv files and '{text}' has none; "
+        f"drop --text-field",
+    ]
+
+
+def test_fingerprints_of_datasets_prepared_with_default_options_are_unchanged(two_plays: Path, tokenizer, tmp_path):
+    # Existing prepared caches (and the checkpoints that name their fingerprint) stay valid: the identity of
+    # every option, applicable or not, is still part of the hash, exactly as before.
+    import hashlib
+
+    dataset = prepare(two_plays, tokenizer, max_seq_len=63, chunk_size=64, cache_dir=tmp_path / "cache",
+                      text_mode="document", holdout_fraction=0.05)
+    identity = {
+        "format_version": 1,
+        "sources": [[s["name"], s["sha256"]] for s in dataset.manifest["sources"]],
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "max_seq_len": 63, "chunk_size": 64, "text_mode": "document", "text_field": "text", "ascii_only": False,
+        "holdout_fraction": 0.05,
+    }
+    assert dataset.fingerprint == hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
 def test_a_source_with_the_bytes_of_a_training_source_is_refused_before_tokenising(

@@ -1,8 +1,10 @@
-"""The data of a training run: its identity with or without --eval-file, train/eval leaks."""
+"""The data of a training run: its identity with or without --eval-file, train/eval leaks, options that do
+not apply."""
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -87,3 +89,46 @@ def test_a_leak_is_one_red_line_and_exit_2_through_the_command(make_config, smal
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: --eval-file:") and len(err.strip().splitlines()) == 1
     assert not Path(config.bundle_dir).exists()
+
+
+# ---- options that do not apply to the data's formats ---------------------------------------------------
+
+@pytest.fixture
+def rows_jsonl(tmp_path: Path, small_text: Path) -> Path:
+    lines = [line for line in small_text.read_text().splitlines() if line.strip()]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"text": line, "body": line.upper()}) + "\n" for line in lines))
+    return path
+
+
+def warnings_of(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "no effect" in r.getMessage()]
+
+
+def test_text_field_on_txt_data_warns_and_keeps_the_fingerprint(make_config, caplog):
+    plain = launch(make_config(steps=1, brain_name="plain"))
+    with caplog.at_level(logging.WARNING):
+        field = launch(make_config(steps=1, brain_name="field", text_field="body"))
+    assert warnings_of(caplog) == [f"--text-field body has no effect: it only applies to .jsonl/.csv files and "
+                                   f"'{make_config().dataset_file}' has none; drop --text-field"]
+    assert train_fingerprint(field.bundle) == train_fingerprint(plain.bundle)
+
+
+def test_text_mode_on_jsonl_data_warns_and_keeps_the_fingerprint(make_config, rows_jsonl, caplog):
+    lines = launch(make_config(steps=1, brain_name="lines", dataset_file=str(rows_jsonl)))
+    with caplog.at_level(logging.WARNING):
+        document = launch(make_config(steps=1, brain_name="document", dataset_file=str(rows_jsonl),
+                                      text_mode="document"))
+    [warning] = warnings_of(caplog)
+    assert warning.startswith("--text-mode document has no effect: it only applies to .txt files")
+    assert train_fingerprint(document.bundle) == train_fingerprint(lines.bundle)
+
+
+def test_an_option_that_applies_to_the_eval_file_only_is_not_warned_about(make_config, rows_jsonl, tmp_path,
+                                                                           caplog):
+    held_out = tmp_path / "held-out.jsonl"
+    held_out.write_text(json.dumps({"body": EVAL_TEXT.read_text()}) + "\n")
+    with caplog.at_level(logging.WARNING):
+        result = launch(make_config(steps=1, eval_file=str(held_out), text_field="body"))
+    assert warnings_of(caplog) == []
+    assert result.final_eval["sequences"] > 0  # the eval file was read through field "body"
