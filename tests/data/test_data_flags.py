@@ -63,7 +63,7 @@ def test_the_commands_are_found_with_their_own_flags():
     assert "--holdout-fraction" not in FLAGS["train-actv1"]
     assert {"--holdout-fraction", "--cache-dir", "--max-seq-len"} <= FLAGS["prepare"]
     assert "--data-cache-dir" not in FLAGS["prepare"] and "--eval-file" not in FLAGS["prepare"]
-    assert {"--eval-file", "--data-cache-dir"} <= FLAGS["eval"]
+    assert {"--eval-file", "--data-cache-dir", "--ascii-only", "--amp", "--no-amp"} <= FLAGS["eval"]
     assert "--max-seq-len" not in FLAGS["eval"] and "--dataset-file" not in FLAGS["eval"]
 
 
@@ -127,8 +127,6 @@ def write_case(tmp_path: Path, files: dict[str, bytes], source: str) -> str:
 ])
 def test_each_source_error_names_only_flags_of_its_command(command, source_flag, case, shared, tmp_path, capsys):
     files, source, extra = SOURCE_ERRORS[case]
-    if command == "eval" and "--ascii-only" in extra:
-        pytest.skip("aios hrm-hf eval has no --ascii-only")
     source = write_case(tmp_path, files, source)
     if command == "train-actv1":
         data = ["--dataset-file", source] if source_flag == "--dataset-file" else \
@@ -216,7 +214,7 @@ def test_an_eval_file_that_is_training_data_names_train_flags(shared, tmp_path, 
     assert assert_real_flags(message, "train-actv1") == {"--eval-file"}
 
 
-@pytest.mark.parametrize("command", ["train-actv1", "prepare"])
+@pytest.mark.parametrize("command", ["train-actv1", "prepare", "eval"])
 def test_warnings_about_options_without_effect_name_flags_of_the_command(command, shared, tmp_path, caplog,
                                                                          capsys):
     lines = [line for line in shared["text"].read_text().splitlines() if line.strip()]
@@ -226,9 +224,12 @@ def test_warnings_about_options_without_effect_name_flags_of_the_command(command
     if command == "train-actv1":
         args = train_args(shared, tmp_path, "--dataset-file", str(rows), "--eval-file", str(held_out),
                           "--brain-name", "warned", "--text-mode", "document")
-    else:
+    elif command == "prepare":
         args = ["data", "prepare", "--dataset-file", str(rows), "--model", str(TOKENIZER), "--max-seq-len", "16",
                 "--dataset-chunk-size", "64", "--cache-dir", str(tmp_path / "cache"), "--text-mode", "document"]
+    else:
+        args = ["hrm-hf", "eval", "--brain", str(shared["brain"]), "--eval-file", str(held_out), "--data-cache-dir",
+                str(tmp_path / "cache"), "--text-mode", "document"]
     with caplog.at_level(logging.WARNING, logger="aios.data.prepare"):
         code = cli_main.main(args)
     assert code == 0, capsys.readouterr().err

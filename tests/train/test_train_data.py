@@ -1,5 +1,5 @@
 """The data of a training run: its identity with or without --eval-file, train/eval leaks, options that do
-not apply."""
+not apply, and `aios hrm-hf eval` computing what the run's own evaluation computed."""
 
 from __future__ import annotations
 
@@ -9,12 +9,15 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
-from aios.bundle import BrainBundle
+from aios.bundle import TRAINING_ARGS, BrainBundle
 from aios.cli import main as cli_main
+from aios.config import TrainingConfig
 from aios.errors import AiosError
 from aios.train import launch
 from aios.train.checkpoint import load_state
+from aios.train.precision import autocast_dtype, dtype_name
 
 EVAL_TEXT = Path(__file__).resolve().parents[2] / "training_data" / "eval_test_dataset.txt"
 
@@ -132,3 +135,59 @@ def test_an_option_that_applies_to_the_eval_file_only_is_not_warned_about(make_c
         result = launch(make_config(steps=1, eval_file=str(held_out), text_field="body"))
     assert warnings_of(caplog) == []
     assert result.final_eval["sequences"] > 0  # the eval file was read through field "body"
+
+
+# ---- `aios hrm-hf eval` evaluates as the run did ----------------------------------------------------------
+
+def eval_command(capsys, *args: str) -> dict:
+    code = cli_main.main(["hrm-hf", "eval", *args])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return json.loads(captured.out)
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_eval_of_the_runs_eval_file_reports_the_runs_last_eval(make_config, capsys, amp):
+    # Every eval setting differs from the defaults of the eval command, so none of them may be lost.
+    config = make_config(eval_file=str(EVAL_TEXT), text_mode="document", batch_size=3, eval_batches=3, amp=amp,
+                         steps=4)
+    result = launch(config)
+    final = records(result.bundle / "metrics.jsonl", "eval")[-1]
+    assert final["step"] == 4 and final["sequences"] == 9
+
+    out = eval_command(capsys, "--brain", str(result.bundle), "--eval-file", str(EVAL_TEXT), "--data-cache-dir",
+                       config.data_cache_dir)
+    assert out["settings"] == {"text_mode": "document", "text_field": "text", "ascii_only": False, "batch_size": 3,
+                               "eval_batches": 3, "autocast": "bf16" if amp else "float32"}
+    assert abs(out["loss"] - final["loss"]) <= 1e-9
+    for key in ("token_accuracy", "q_halt_segments", "sequences", "tokens"):
+        assert out[key] == pytest.approx(final[key], abs=1e-9), key
+
+    # A typed flag wins over the run's setting.
+    fewer = eval_command(capsys, "--brain", str(result.bundle), "--eval-file", str(EVAL_TEXT), "--data-cache-dir",
+                         config.data_cache_dir, "--eval-batches", "1", "--no-amp")
+    assert fewer["sequences"] == 3 and fewer["settings"]["autocast"] == "float32"
+    if amp:  # bf16 autocast changes the numbers, so taking it from the run is what makes them equal
+        full = eval_command(capsys, "--brain", str(result.bundle), "--eval-file", str(EVAL_TEXT),
+                            "--data-cache-dir", config.data_cache_dir, "--no-amp")
+        assert abs(full["loss"] - final["loss"]) > 1e-6
+
+
+def test_eval_of_a_bundle_without_training_args_uses_the_training_defaults(make_config, capsys):
+    result = launch(make_config(steps=1, text_mode="document", batch_size=2, eval_batches=1))
+    (result.bundle / TRAINING_ARGS).unlink()
+    out = eval_command(capsys, "--brain", str(result.bundle), "--eval-file", str(EVAL_TEXT), "--data-cache-dir",
+                       make_config().data_cache_dir, "--device", "cpu")
+    defaults = TrainingConfig()
+    assert out["settings"] == {
+        "text_mode": defaults.text_mode, "text_field": defaults.text_field, "ascii_only": defaults.ascii_only,
+        "batch_size": defaults.batch_size, "eval_batches": defaults.eval_batches,
+        "autocast": dtype_name(autocast_dtype(defaults.amp, defaults.amp_dtype, torch.device("cpu"))),
+    }
+    assert out["sequences"] == defaults.batch_size * defaults.eval_batches
+
+    # A training_args.json with a value the trainer would refuse is a user error naming the file.
+    (result.bundle / TRAINING_ARGS).write_text(json.dumps({"text_mode": "pages"}))
+    code = cli_main.main(["hrm-hf", "eval", "--brain", str(result.bundle), "--eval-file", str(EVAL_TEXT)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{result.bundle / TRAINING_ARGS}: --text-mode" in err and len(err.strip().splitlines()) == 1
