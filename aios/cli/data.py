@@ -9,7 +9,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from aios.data import DEFAULT_CACHE_DIR, PreparedDataset, prepare_dataset
+from aios.data import (
+    DEFAULT_CACHE_DIR,
+    PreparedDataset,
+    PrepareOptions,
+    flags,
+    prepare_dataset,
+    warn_unused_options,
+)
 from aios.tokenizers import load_tokenizer
 
 app = typer.Typer(
@@ -63,19 +70,18 @@ def prepare(
 ) -> None:
     """Tokenise a dataset once into packed (max_seq_len + 1)-token windows; reuse it when nothing changed."""
     tokenizer = load_tokenizer(model)
-    dataset = prepare_dataset(
-        dataset_file,
-        tokenizer,
-        model,
+    options = PrepareOptions(
         max_seq_len=max_seq_len,
         chunk_size=dataset_chunk_size,
-        cache_dir=cache_dir,
         text_mode=text_mode,
         text_field=text_field,
         ascii_only=ascii_only,
         holdout_fraction=holdout_fraction,
-        progress=True,
     )
+    dataset = prepare_dataset(
+        dataset_file, tokenizer, model, options, flags=flags.PREPARE, cache_dir=cache_dir, progress=True
+    )
+    warn_unused_options(options, [dataset], flags.PREPARE)
     counts = dataset.manifest["counts"]
     console.print(f"prepared dataset: {dataset.path}", highlight=False, soft_wrap=True)
     console.print(

@@ -138,37 +138,92 @@ def generate_command(
                f"{model.config.halt_max_steps})]", err=True)
 
 
+# TrainingConfig fields that decide what the trainer's evaluation computes (besides the model and the file).
+_EVAL_SETTINGS = ("text_mode", "text_field", "ascii_only", "dataset_chunk_size", "batch_size", "eval_batches",
+                  "amp", "amp_dtype")
+
+
+def _as_trained(name: str) -> str:
+    """Help text for an eval setting that defaults to the training run's value."""
+    default = TrainingConfig.model_fields[name].default
+    return f"Default: as trained, else {'off' if default is False else default}."
+
+
+def _eval_settings(bundle, typed: dict[str, Any]) -> TrainingConfig:
+    """The evaluation settings of the run that trained `bundle` (its training_args.json; the TrainingConfig
+    defaults without one), with the flags the user typed on top, so that `eval` of the run's --eval-file
+    computes what the run's own evaluation did."""
+    from aios.bundle import TRAINING_ARGS
+
+    trained = bundle.training_args()
+    inherited = {name: trained[name] for name in _EVAL_SETTINGS if name in trained}
+    base = TrainingConfig.from_dict(inherited, check_paths=False, source=str(bundle.root / TRAINING_ARGS))
+    # Typed values are already checked by their options; `--no-amp` simply overrides an inherited dtype.
+    return base.model_copy(update=typed)
+
+
 @app.command("eval")
 def eval_command(
     brain: Annotated[str, typer.Option("--brain", help="Bundle name under --bundle-dir, or a bundle directory.")],
     eval_file: Annotated[str, typer.Option("--eval-file", help="Text to evaluate on (.txt/.jsonl/.csv).")],
-    eval_batches: Annotated[int, typer.Option("--eval-batches", min=1, help="Batches to evaluate.")] = 10,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per batch.")] = 8,
-    text_field: Annotated[str, typer.Option("--text-field", help=".jsonl field / .csv column.")] = "text",
-    text_mode: Annotated[Literal["lines", "document"],
-                         typer.Option("--text-mode", help=".txt: a sample per line, or one document.")]
-    = "document",
+    eval_batches: Annotated[int | None, typer.Option(
+        "--eval-batches", min=1, help=f"Batches to evaluate. {_as_trained('eval_batches')}")] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        "--batch-size", min=1, help=f"Sequences per batch. {_as_trained('batch_size')}")] = None,
+    text_field: Annotated[str | None, typer.Option(
+        "--text-field", help=f".jsonl field / .csv column. {_as_trained('text_field')}")] = None,
+    text_mode: Annotated[Literal["lines", "document"] | None, typer.Option(
+        "--text-mode", help=f".txt: a sample per line, or one document. {_as_trained('text_mode')}")] = None,
+    ascii_only: Annotated[bool | None, typer.Option(
+        "--ascii-only/--no-ascii-only", show_default=False,
+        help=f"Drop samples with non-ASCII characters. {_as_trained('ascii_only')}")] = None,
+    amp: Annotated[bool | None, typer.Option(
+        "--amp/--no-amp", show_default=False,
+        help="Autocast (bf16, or --amp-dtype). Default: as trained, else auto: bf16 where the CPU or GPU computes "
+        "it natively.")] = None,
+    amp_dtype: Annotated[Literal["bf16", "fp16"] | None, typer.Option(
+        "--amp-dtype", help=f"Autocast dtype (fp16 needs CUDA). {_as_trained('amp_dtype')}")] = None,
     data_cache_dir: Annotated[str, typer.Option("--data-cache-dir", help="Prepared-data cache.")]
     = DEFAULT_DATA_CACHE_DIR,
     bundle_dir: Annotated[str, typer.Option("--bundle-dir", help="Directory that holds brain bundles.")]
     = DEFAULT_BUNDLE_DIR,
     device: Annotated[Literal["auto", "cpu", "cuda"], typer.Option("--device", help="Where to run.")] = "auto",
 ) -> None:
-    """Loss, perplexity, token accuracy and ACT segments of a brain on a text file (prints JSON)."""
+    """Loss, perplexity, token accuracy and ACT segments of a brain on a text file (prints JSON).
+
+    "As trained" settings come from the bundle's training_args.json: text options, batches, autocast.
+    So the run's --eval-file gives the numbers of the run's last eval record. Flags you type win.
+    """
     import json
 
-    from aios.data import prepare_dataset
+    from aios.data import PrepareOptions, flags, prepare_dataset, warn_unused_options
+    from aios.data.sources import OPTION_SUFFIXES
     from aios.inference import evaluate_lm
+    from aios.train.precision import autocast_dtype, dtype_name
 
     bundle, model, tokenizer, dev = _load_brain(brain, bundle_dir, device)
+    typed = {name: value for name, value in dict(
+        eval_batches=eval_batches, batch_size=batch_size, text_field=text_field, text_mode=text_mode,
+        ascii_only=ascii_only, amp=amp, amp_dtype=amp_dtype).items() if value is not None}
+    settings = _eval_settings(bundle, typed)
+    options = PrepareOptions(max_seq_len=model.config.seq_len, chunk_size=settings.dataset_chunk_size,
+                             text_mode=settings.text_mode, text_field=settings.text_field,
+                             ascii_only=settings.ascii_only)
     try:
-        data = prepare_dataset(eval_file, tokenizer, str(bundle.root), max_seq_len=model.config.seq_len,
-                               chunk_size=4096, cache_dir=data_cache_dir, text_field=text_field,
-                               text_mode=text_mode)
+        data = prepare_dataset(eval_file, tokenizer, str(bundle.root), options, flags=flags.EVAL,
+                               cache_dir=data_cache_dir)
     except AiosError as exc:
         raise AiosError(f"--eval-file: {exc}") from None
-    result = evaluate_lm(model, data.sequential_batches(batch_size, eval_batches), dev)
-    typer.echo(json.dumps({"brain": bundle.name, "eval_file": eval_file, **result}, indent=2))
+    typed_text_options = [name for name in OPTION_SUFFIXES if name in typed]  # not those taken from the brain
+    warn_unused_options(options, [data], flags.EVAL, names=typed_text_options)
+    amp_dtype_used = autocast_dtype(settings.amp, settings.amp_dtype, dev)
+    result = evaluate_lm(model, data.sequential_batches(settings.batch_size, settings.eval_batches), dev,
+                         amp_dtype_used)
+    used = {name: getattr(settings, name) for name in ("text_mode", "text_field", "ascii_only", "batch_size",
+                                                        "eval_batches")}
+    used["autocast"] = dtype_name(amp_dtype_used)
+    output = {"brain": bundle.name, "eval_file": eval_file, "settings": used, **result}
+    typer.echo(json.dumps(output, indent=2))
 
 
 def parse_cli_args(args: list[str]) -> TrainingConfig:

@@ -1,7 +1,8 @@
 """Prepare a text dataset once: tokenise, pack into fixed windows, store as chunk files.
 
+    options = PrepareOptions(max_seq_len=256, chunk_size=1024, text_mode="document")
     prepared = prepare_dataset("training_data/curated_datasets/test_sample.txt", tok, "shakespeare-bpe-2k",
-                               max_seq_len=256, chunk_size=1024, cache_dir="artifacts/prepared_data")
+                               options, flags=PREPARE, cache_dir="artifacts/prepared_data")
 
 Samples are tokenised in batches with the fast tokenizer, each document is followed by EOS, and the token
 stream is cut into non-overlapping windows of max_seq_len + 1 tokens (input and shifted target of one
@@ -10,12 +11,15 @@ stored (document) order as `chunk-00000.npy`, ... of `chunk_size` windows each (
 uint16 when the vocabulary fits, else uint32, next to `manifest.json`.
 
 The prepared directory is `<cache_dir>/<fingerprint[:16]>/`, where the fingerprint hashes everything that
-decides its content (source bytes and names, tokenizer, window, chunk size, text options, holdout, format
-version). An existing directory with a valid manifest is reused without tokenising again; it is built in a
-staging directory and renamed in whole, so a crash never leaves a half dataset that would be reused.
+decides its content (source bytes and names, tokenizer, window, chunk size, the text options that apply to
+the sources' formats, holdout, format version). An existing directory with a valid manifest is reused
+without tokenising again; it is built in a staging directory and renamed in whole, so a crash never leaves
+a half dataset that would be reused.
 
 The last ceil(holdout_fraction * N) sequences are held out for evaluation: a contiguous tail of the text,
 and since windows do not overlap, no held-out token is ever seen in training.
+
+Errors name the flags of the calling command, passed as `flags` (see flags.py).
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Collection, Iterable, Iterator
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,15 +40,17 @@ import numpy as np
 
 from aios.atomic import atomic_write_text, install_dir, make_staging_dir
 from aios.data.dataset import FORMAT_VERSION, MANIFEST_NAME, PreparedDataset, chunk_file_name
+from aios.data.flags import DataFlags, either
 from aios.data.sources import (
+    OPTION_SUFFIXES,
     TEXT_MODES,
     ReadCounts,
     Segment,
     SourceFile,
     TextMode,
-    inspect_file,
+    inspect_source,
     iter_segments,
-    resolve_source,
+    option_applies,
 )
 from aios.errors import AiosError
 from aios.paths import DEFAULT_DATA_CACHE_DIR
@@ -63,7 +69,7 @@ TOKENIZE_BATCH_SAMPLES = 4096
 @dataclass(frozen=True)
 class PrepareOptions:
     """How a source is turned into windows: everything besides the source and tokenizer that decides
-    the prepared content, so all of it is part of the fingerprint."""
+    the prepared content, so all of it is part of the fingerprint (once `applied_to` the sources)."""
 
     max_seq_len: int
     chunk_size: int
@@ -72,25 +78,74 @@ class PrepareOptions:
     ascii_only: bool = False
     holdout_fraction: float = 0.0
 
-    def validate(self) -> None:
+    def validate(self, flags: DataFlags) -> None:
         """Raise AiosError for the first option out of range."""
+
+        def fix(flag: str | None, value: str) -> str:
+            return f": pass {flag} {value}" if flag else ""
+
         if self.max_seq_len < 1:
-            raise AiosError(f"max_seq_len must be at least 1, got {self.max_seq_len}: pass --max-seq-len >= 1")
+            raise AiosError(
+                f"max_seq_len must be at least 1, got {self.max_seq_len}{fix(flags.max_seq_len, '>= 1')}"
+            )
         if self.chunk_size < 1:
             raise AiosError(
-                f"dataset chunk size must be at least 1, got {self.chunk_size}: pass --dataset-chunk-size >= 1"
+                f"dataset chunk size must be at least 1, got {self.chunk_size}{fix(flags.chunk_size, '>= 1')}"
             )
         if self.text_mode not in TEXT_MODES:
-            raise AiosError(
-                f"unknown text mode '{self.text_mode}': pass --text-mode lines or --text-mode document"
-            )
+            modes = f"lines or {flags.text_mode} document"
+            raise AiosError(f"unknown text mode '{self.text_mode}'{fix(flags.text_mode, modes)}")
         if not 0.0 <= self.holdout_fraction < 1.0:
-            raise AiosError(f"holdout fraction must be in [0, 1), got {self.holdout_fraction}: pass e.g. 0.05")
+            raise AiosError(
+                f"holdout fraction must be in [0, 1), got {self.holdout_fraction}"
+                f"{fix(flags.holdout_fraction, 'e.g. 0.05')}"
+            )
 
     def identity(self) -> dict:
         """The options as fingerprint keys. The field names are those keys: renaming a field changes
         every fingerprint and so invalidates every existing prepared dataset."""
         return asdict(self)
+
+    def applied_to(self, suffixes: Collection[str]) -> PrepareOptions:
+        """These options with those that affect none of the formats `suffixes` (`OPTION_SUFFIXES`) set back
+        to their defaults, so that they do not change the fingerprint: --text-mode only matters for .txt,
+        --text-field only for .jsonl/.csv. (Resetting rather than dropping the key keeps the fingerprints of
+        datasets prepared before this rule.)"""
+        defaults = {f.name: f.default for f in fields(self)}
+        unused = [name for name in OPTION_SUFFIXES if not option_applies(name, suffixes)]
+        return replace(self, **{name: defaults[name] for name in unused})
+
+    def text_options(self, suffixes: Collection[str]) -> dict:
+        """The text options that affect the formats `suffixes`, as the manifest records them."""
+        names = ("text_mode", "text_field", "ascii_only")
+        return {name: getattr(self, name) for name in names if option_applies(name, suffixes)}
+
+
+def warn_unused_options(
+    options: PrepareOptions,
+    datasets: Iterable[PreparedDataset],
+    flags: DataFlags,
+    names: Collection[str] = tuple(OPTION_SUFFIXES),
+) -> list[str]:
+    """Warn about each option of `names` that has a non-default value but affects none of the datasets'
+    source formats, so it had no effect (preparation ignored it); returns those option names.
+
+    The caller passes every dataset the options were used for (train-actv1: the training data and the
+    --eval-file data), and only the options its user chose (eval leaves out those taken from the brain).
+    """
+    datasets = list(datasets)
+    suffixes = {Path(s["name"]).suffix.lower() for d in datasets for s in d.manifest["sources"]}
+    defaults = {f.name: f.default for f in fields(options)}
+    unused = []
+    for name in names:
+        value = getattr(options, name)
+        if value != defaults[name] and not option_applies(name, suffixes):
+            flag = getattr(flags, name) or name
+            where = " and ".join(f"'{d.manifest['source']}'" for d in datasets)
+            log.warning("%s %s has no effect: it only applies to %s files and %s %s none; drop %s", flag, value,
+                        "/".join(OPTION_SUFFIXES[name]), where, "have" if len(datasets) > 1 else "has", flag)
+            unused.append(name)
+    return unused
 
 
 def dataset_fingerprint(sources: list[SourceFile], tokenizer_fp: str, options: PrepareOptions) -> str:
@@ -108,36 +163,35 @@ def prepare_dataset(
     source: str | os.PathLike,
     tokenizer: PreTrainedTokenizerFast,
     tokenizer_name: str,
+    options: PrepareOptions,
     *,
-    max_seq_len: int,
-    chunk_size: int,
+    flags: DataFlags,
     cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR,
-    text_mode: TextMode = "lines",
-    text_field: str = "text",
-    ascii_only: bool = False,
-    holdout_fraction: float = 0.0,
     progress: bool = False,
+    disjoint_from: PreparedDataset | None = None,
 ) -> PreparedDataset:
-    """Prepare `source` (or reuse its cached preparation) and open it."""
-    options = PrepareOptions(
-        max_seq_len=max_seq_len,
-        chunk_size=chunk_size,
-        text_mode=text_mode,
-        text_field=text_field,
-        ascii_only=ascii_only,
-        holdout_fraction=holdout_fraction,
-    )
-    options.validate()
-    if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
-        raise AiosError(f"the data cache {cache_dir} is a file, not a directory: pass a directory to "
-                        f"--data-cache-dir / --cache-dir")
-    if getattr(tokenizer, "eos_token_id", None) is None:
-        raise AiosError(
-            f"tokenizer '{tokenizer_name}' has no EOS token, which separates documents: "
-            f"use a tokenizer with an eos_token (aios tokenizers add <|endoftext|>)"
-        )
+    """Prepare `source` (or reuse its cached preparation) and open it.
 
-    sources = [inspect_file(path, name) for path, name in resolve_source(source)]
+    `flags` names the calling command's flag for each input, for the fixes its errors suggest. With
+    `disjoint_from` (the training data, when `source` is evaluation text), a source file with the same
+    bytes as one of that dataset's sources is refused before any tokenising: a train/eval leak.
+
+    Options that affect none of the sources' formats are ignored (`PrepareOptions.applied_to`); the caller
+    warns about them with `warn_unused_options`.
+    """
+    options.validate(flags)
+    if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        fix = f"pass a directory to {flags.cache_dir}" if flags.cache_dir else "remove the file"
+        raise AiosError(f"the data cache {cache_dir} is a file, not a directory: {fix}")
+    if getattr(tokenizer, "eos_token_id", None) is None:
+        fix = (f"pass {flags.tokenizer} a tokenizer with an eos_token (aios tokenizers add <|endoftext|>)"
+               if flags.tokenizer else "use a tokenizer with an eos_token (aios tokenizers add <|endoftext|>)")
+        raise AiosError(f"tokenizer '{tokenizer_name}' has no EOS token, which separates documents: {fix}")
+
+    sources = inspect_source(source, flags)
+    if disjoint_from is not None:
+        _refuse_shared_sources(sources, disjoint_from, os.fspath(source), flags)
+    options = options.applied_to({s.path.suffix.lower() for s in sources})
     tokenizer_fp = tokenizer_fingerprint(tokenizer)
     fingerprint = dataset_fingerprint(sources, tokenizer_fp, options)
     final_dir = Path(cache_dir) / fingerprint[:16]
@@ -157,6 +211,7 @@ def prepare_dataset(
             fingerprint=fingerprint,
             source_spec=os.fspath(source),
             options=options,
+            flags=flags,
             progress=progress,
         )
     except BaseException:
@@ -168,6 +223,22 @@ def prepare_dataset(
     install_dir(staging_dir, final_dir, replace=replace)
     log.info("prepared %d sequences in %s", manifest["counts"]["sequences"], final_dir)
     return PreparedDataset(final_dir)
+
+
+def _refuse_shared_sources(
+    sources: list[SourceFile], other: PreparedDataset, source_spec: str, flags: DataFlags
+) -> None:
+    """AiosError when a file of `sources` has the bytes of a source of `other` (same file, a file inside
+    its directory or glob, or a copy): compared by the sha256 that preparation computes anyway."""
+    theirs = {s["sha256"]: s["name"] for s in other.manifest["sources"]}
+    for mine in sources:
+        if mine.sha256 in theirs:
+            where = "" if mine.relative_name == Path(source_spec).name else f" ('{mine.relative_name}')"
+            raise AiosError(
+                f"'{source_spec}'{where} is part of the training data: it has the same bytes "
+                f"as '{theirs[mine.sha256]}' of '{other.manifest['source']}', so the evaluation would "
+                f"measure memorisation; pass text that is not in the training data to {flags.source}"
+            )
 
 
 def _open_if_valid(directory: Path, fingerprint: str, *, quiet: bool = False) -> PreparedDataset | None:
@@ -285,6 +356,7 @@ def _build(
     fingerprint: str,
     source_spec: str,
     options: PrepareOptions,
+    flags: DataFlags,
     progress: bool,
 ) -> dict:
     vocab_size = len(tokenizer)
@@ -304,6 +376,7 @@ def _build(
                 text_field=options.text_field,
                 ascii_only=options.ascii_only,
                 counts=counts,
+                flags=flags,
             )
             if not split_documents:
                 segments = _merge_pieces(segments)
@@ -318,26 +391,32 @@ def _build(
             bar.file_done(source.size)
         tail_dropped = writer.finish()
 
+    more_text = f"more text to {flags.source}"
     if counts.samples_read == 0:
-        dropped = f" ({counts.samples_dropped_non_ascii} non-ASCII samples dropped by --ascii-only)"
+        dropped = counts.samples_dropped_non_ascii
+        why, ascii_fix = "", None
+        if dropped:
+            why = f" ({dropped} non-ASCII samples dropped{f' by {flags.ascii_only}' if flags.ascii_only else ''})"
+            ascii_fix = f"turn off {flags.ascii_only}" if flags.ascii_only else None
         raise AiosError(
-            f"dataset '{source_spec}' has no usable text"
-            f"{dropped if counts.samples_dropped_non_ascii else ''}: pass files with text in them"
-            f"{' or leave out --ascii-only' if counts.samples_dropped_non_ascii else ''}"
+            f"dataset '{source_spec}' has no usable text{why}: "
+            f"{either(f'pass files with text in them to {flags.source}', ascii_fix)}"
         )
     num_sequences = sum(c["sequences"] for c in writer.chunks)
+    smaller_seq_len = f"a smaller {flags.max_seq_len}" if flags.max_seq_len else None
     if num_sequences == 0:
         suggestion = max(1, 2 ** int(math.log2(max(2, writer.tokens // 8))))
         raise AiosError(
             f"dataset '{source_spec}' has {writer.tokens} tokens, fewer than one window of max_seq_len + 1 "
-            f"= {window}: pass a smaller --max-seq-len (e.g. {suggestion}) or more text"
+            f"= {window}: pass {either(smaller_seq_len and f'{smaller_seq_len} (e.g. {suggestion})', more_text)}"
         )
     holdout_fraction = options.holdout_fraction
     num_holdout = math.ceil(holdout_fraction * num_sequences) if holdout_fraction > 0 else 0
     if num_holdout >= num_sequences:
+        smaller_holdout = f"a smaller {flags.holdout_fraction}" if flags.holdout_fraction else None
         raise AiosError(
             f"holdout fraction {holdout_fraction} of {num_sequences} sequences leaves none for training: "
-            f"pass a smaller --holdout-fraction, a smaller --max-seq-len or more text"
+            f"pass {either(smaller_holdout, smaller_seq_len, more_text)}"
         )
 
     manifest = {
@@ -365,11 +444,7 @@ def _build(
             }
             for s in sources
         ],
-        "text_options": {
-            "text_mode": options.text_mode,
-            "text_field": options.text_field,
-            "ascii_only": options.ascii_only,
-        },
+        "text_options": options.text_options({s.path.suffix.lower() for s in sources}),
         "counts": {
             "samples_read": counts.samples_read,
             "samples_dropped_non_ascii": counts.samples_dropped_non_ascii,

@@ -13,7 +13,10 @@ Samples:
 - .jsonl: one sample per line, the string in field `text_field` of the JSON object on that line.
 - .csv: one sample per row, the cell in column `text_field` (the header names the columns).
 Blank samples are skipped. With `ascii_only`, a sample that contains a non-ASCII character is dropped and
-counted (for "document" mode that is the whole file).
+counted (for "document" mode that is the whole file). `text_mode` only affects .txt files and `text_field`
+only .jsonl/.csv files (`OPTION_SUFFIXES`).
+
+Errors name the flags of the calling command (`DataFlags`).
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ import glob
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from aios.data.flags import DataFlags
 from aios.errors import AiosError
 
 TextMode = Literal["lines", "document"]
@@ -37,7 +41,17 @@ SUPPORTED_SUFFIXES: tuple[str, ...] = (".txt", ".jsonl", ".csv")
 BINARY_PROBE_BYTES = 8192  # a NUL byte in the first 8 KB marks a file as binary
 HASH_BLOCK_BYTES = 1 << 20
 DOCUMENT_PIECE_CHARS = 1 << 16
-_FIX_SOURCE = "pass an existing .txt/.jsonl/.csv file, a directory of them, or a glob to --dataset-file"
+# The formats a text option affects (the other options affect every format).
+OPTION_SUFFIXES: dict[str, tuple[str, ...]] = {"text_mode": (".txt",), "text_field": (".jsonl", ".csv")}
+
+
+def option_applies(name: str, suffixes: Collection[str]) -> bool:
+    """Whether option `name` affects how files with these suffixes are read."""
+    return name not in OPTION_SUFFIXES or not set(suffixes).isdisjoint(OPTION_SUFFIXES[name])
+
+
+def _fix_source(flags: DataFlags) -> str:
+    return f"pass an existing .txt/.jsonl/.csv file, a directory of them, or a glob to {flags.source}"
 
 
 @dataclass(frozen=True)
@@ -66,7 +80,7 @@ class Segment:
     ends_document: bool
 
 
-def resolve_source(source: str | os.PathLike) -> list[tuple[Path, str]]:
+def resolve_source(source: str | os.PathLike, flags: DataFlags) -> list[tuple[Path, str]]:
     """The files of a source as (path, relative name), sorted by relative name.
 
     A file is itself; a directory gives every supported file inside it (recursively); a pattern with
@@ -75,14 +89,14 @@ def resolve_source(source: str | os.PathLike) -> list[tuple[Path, str]]:
     """
     text = os.fspath(source)
     if not text.strip():
-        raise AiosError(f"no dataset given: {_FIX_SOURCE}")
+        raise AiosError(f"no dataset given: {_fix_source(flags)}")
     if glob.has_magic(text):
         matches = [Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file()]
         files = [p for p in matches if p.suffix.lower() in SUPPORTED_SUFFIXES]
         if not files:
             raise AiosError(
                 f"the pattern '{text}' matches no .txt/.jsonl/.csv files ({len(matches)} other files): "
-                f"fix the pattern or {_FIX_SOURCE}"
+                f"fix the pattern or {_fix_source(flags)}"
             )
         root = Path(os.path.commonpath([str(p.resolve().parent) for p in files]))
         named = [(p, p.resolve().relative_to(root).as_posix()) for p in files]
@@ -92,10 +106,10 @@ def resolve_source(source: str | os.PathLike) -> list[tuple[Path, str]]:
         files = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES]
         files = [p for p in files if not any(part.startswith(".") for part in p.relative_to(path).parts)]
         if not files:
-            raise AiosError(f"the directory '{path}' holds no .txt/.jsonl/.csv files: {_FIX_SOURCE}")
+            raise AiosError(f"the directory '{path}' holds no .txt/.jsonl/.csv files: {_fix_source(flags)}")
         return sorted(((p, p.relative_to(path).as_posix()) for p in files), key=lambda item: item[1])
     if not path.exists():
-        raise AiosError(f"dataset file '{path}' does not exist: {_FIX_SOURCE}")
+        raise AiosError(f"dataset file '{path}' does not exist: {_fix_source(flags)}")
     if path.suffix.lower() not in SUPPORTED_SUFFIXES:
         raise AiosError(
             f"dataset file '{path}' has the unsupported extension '{path.suffix or '(none)'}': "
@@ -145,8 +159,19 @@ def inspect_file(path: Path, relative_name: str) -> SourceFile:
     return SourceFile(path, relative_name, size, digest.hexdigest(), is_ascii)
 
 
+def inspect_source(source: str | os.PathLike, flags: DataFlags) -> list[SourceFile]:
+    """The files of a source, each checked and hashed (`resolve_source`, then `inspect_file`)."""
+    return [inspect_file(path, name) for path, name in resolve_source(source, flags)]
+
+
 def iter_segments(
-    file: SourceFile, *, text_mode: TextMode, text_field: str, ascii_only: bool, counts: ReadCounts
+    file: SourceFile,
+    *,
+    text_mode: TextMode,
+    text_field: str,
+    ascii_only: bool,
+    counts: ReadCounts,
+    flags: DataFlags,
 ) -> Iterator[Segment]:
     """The samples of one file as text segments, updating `counts`."""
     suffix = file.path.suffix.lower()
@@ -156,9 +181,9 @@ def iter_segments(
     if suffix == ".txt":
         samples = _txt_lines(file.path)
     elif suffix == ".jsonl":
-        samples = _jsonl_texts(file.path, text_field)
+        samples = _jsonl_texts(file.path, text_field, flags)
     else:
-        samples = _csv_texts(file.path, text_field)
+        samples = _csv_texts(file.path, text_field, flags)
     kept = 0
     for text in samples:
         if not text.strip():
@@ -212,7 +237,13 @@ def _ends_cleanly(line: str) -> bool:
     return len(line) >= 2 and line[-1] == "\n" and not line[-2].isspace()
 
 
-def _jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
+def _name_the_field(flags: DataFlags, what: str, text_field: str) -> str:
+    if flags.text_field:
+        return f"pass {flags.text_field} with the name of the text {what}"
+    return f"give every record a text {what} '{text_field}'"
+
+
+def _jsonl_texts(path: Path, text_field: str, flags: DataFlags) -> Iterator[str]:
     with _open_text(path) as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -228,18 +259,18 @@ def _jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
                 keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
                 raise AiosError(
                     f"'{path}' line {line_number} has no field '{text_field}' (found: {keys or 'nothing'}): "
-                    f"pass --text-field with the name of the text field"
+                    f"{_name_the_field(flags, 'field', text_field)}"
                 )
             value = record[text_field]
             if not isinstance(value, str):
                 raise AiosError(
                     f"'{path}' line {line_number}: field '{text_field}' is {type(value).__name__}, not a "
-                    f"string: pass --text-field naming a text field"
+                    f"string: {_name_the_field(flags, 'field', text_field)}"
                 )
             yield value
 
 
-def _csv_texts(path: Path, text_field: str) -> Iterator[str]:
+def _csv_texts(path: Path, text_field: str, flags: DataFlags) -> Iterator[str]:
     csv.field_size_limit(2**31 - 1)  # a document per cell can be long; the default limit is 128 KB
     with open(path, encoding="utf-8-sig", newline="") as handle:
         reader = csv.DictReader(handle)
@@ -248,7 +279,7 @@ def _csv_texts(path: Path, text_field: str) -> Iterator[str]:
             if text_field not in columns:
                 raise AiosError(
                     f"'{path}' has no column '{text_field}' (columns: {', '.join(columns) or 'none'}): "
-                    f"pass --text-field with the name of the text column"
+                    f"{_name_the_field(flags, 'column', text_field)}"
                 )
             for row in reader:
                 yield row[text_field] or ""

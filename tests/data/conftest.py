@@ -42,18 +42,10 @@ def tokenizer(tokenizer_dir: Path):
 @pytest.fixture(scope="session")
 def small_dataset(sample_text: str, tokenizer, tmp_path_factory: pytest.TempPathFactory):
     """~60 KB of the sample as ~440 windows of 33 tokens in chunks of 16; the last 10% held out."""
-    from aios.data import prepare_dataset
+    from aios.data import PrepareOptions, flags, prepare_dataset
 
     work = tmp_path_factory.mktemp("small-dataset")
     source = work / "plays.txt"
     source.write_text(sample_text[:60_000], encoding="utf-8")
-    return prepare_dataset(
-        str(source),
-        tokenizer,
-        "bpe-512",
-        max_seq_len=32,
-        chunk_size=16,
-        cache_dir=work / "cache",
-        text_mode="document",
-        holdout_fraction=0.1,
-    )
+    options = PrepareOptions(max_seq_len=32, chunk_size=16, text_mode="document", holdout_fraction=0.1)
+    return prepare_dataset(str(source), tokenizer, "bpe-512", options, flags=flags.PREPARE, cache_dir=work / "cache")

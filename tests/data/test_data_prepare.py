@@ -10,10 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aios.data import PreparedDataset, prepare_dataset
-from aios.data.prepare import PrepareOptions, dataset_fingerprint
+from aios.data import PreparedDataset, PrepareOptions, prepare_dataset
+from aios.data.flags import PREPARE
+from aios.data.prepare import dataset_fingerprint
 from aios.data.sources import DOCUMENT_PIECE_CHARS
 from aios.tokenizers import load_tokenizer, tokenizer_fingerprint
+
+
+def prepare(source, tokenizer, name: str = "bpe-512", *, cache_dir, **options) -> PreparedDataset:
+    """prepare_dataset with PrepareOptions(**options), as `aios data prepare` calls it."""
+    return prepare_dataset(str(source), tokenizer, name, PrepareOptions(**options), flags=PREPARE, cache_dir=cache_dir)
 
 
 def chunk_stream(dataset: PreparedDataset) -> np.ndarray:
@@ -32,15 +38,8 @@ def two_plays(tmp_path: Path, sample_text: str) -> Path:
 
 
 def test_document_packing_is_exactly_the_eos_joined_token_stream(two_plays: Path, tokenizer, tmp_path: Path):
-    dataset = prepare_dataset(
-        str(two_plays),
-        tokenizer,
-        "bpe-512",
-        max_seq_len=63,
-        chunk_size=100,
-        cache_dir=tmp_path / "cache",
-        text_mode="document",
-    )
+    dataset = prepare(two_plays, tokenizer, max_seq_len=63, chunk_size=100, cache_dir=tmp_path / "cache",
+                      text_mode="document")
     eos = tokenizer.eos_token_id
     expected = []
     for name in ("a.txt", "b.txt"):
@@ -72,9 +71,7 @@ def test_lines_packing_puts_eos_after_every_sample(tmp_path: Path, tokenizer, sa
     lines = [line for line in sample_text[:20_000].splitlines() if line.strip()]
     source = tmp_path / "rows.jsonl"
     source.write_text("\n".join(json.dumps({"text": line}) for line in lines) + "\n", encoding="utf-8")
-    dataset = prepare_dataset(
-        str(source), tokenizer, "bpe-512", max_seq_len=20, chunk_size=7, cache_dir=tmp_path / "cache"
-    )
+    dataset = prepare(source, tokenizer, max_seq_len=20, chunk_size=7, cache_dir=tmp_path / "cache")
     expected = []
     for ids in tokenizer(lines, add_special_tokens=False)["input_ids"]:
         expected += ids + [tokenizer.eos_token_id]
@@ -90,7 +87,7 @@ def test_vocabularies_over_65536_tokens_are_stored_as_uint32(tmp_path: Path, tok
     assert len(big) > 65_536
     source = tmp_path / "s.txt"
     source.write_text("To be <extra_65599> or not to be <extra_65000>\n" * 8)
-    dataset = prepare_dataset(str(source), big, "big", max_seq_len=15, chunk_size=4, cache_dir=tmp_path / "c")
+    dataset = prepare(source, big, "big", max_seq_len=15, chunk_size=4, cache_dir=tmp_path / "c")
     assert dataset.manifest["dtype"] == "uint32"
     assert np.load(dataset.path / "chunk-00000.npy").dtype == np.uint32
     stored = dataset.get(np.arange(dataset.num_sequences))
@@ -99,16 +96,8 @@ def test_vocabularies_over_65536_tokens_are_stored_as_uint32(tmp_path: Path, tok
 
 
 def test_manifest_records_what_made_the_dataset(two_plays: Path, tokenizer, tmp_path: Path):
-    dataset = prepare_dataset(
-        str(two_plays),
-        tokenizer,
-        "bpe-512",
-        max_seq_len=31,
-        chunk_size=50,
-        cache_dir=tmp_path / "cache",
-        text_mode="document",
-        holdout_fraction=0.05,
-    )
+    dataset = prepare(two_plays, tokenizer, max_seq_len=31, chunk_size=50, cache_dir=tmp_path / "cache",
+                      text_mode="document", holdout_fraction=0.05)
     m = json.loads((dataset.path / "manifest.json").read_text())
     assert m == dataset.manifest
     assert m["format_version"] == 1
@@ -119,7 +108,7 @@ def test_manifest_records_what_made_the_dataset(two_plays: Path, tokenizer, tmp_
         "eos_id": tokenizer.eos_token_id,
     }
     assert (m["seq_len"], m["window"], m["chunk_size"], m["dtype"]) == (31, 32, 50, "uint16")
-    assert m["text_options"] == {"text_mode": "document", "text_field": "text", "ascii_only": False}
+    assert m["text_options"] == {"text_mode": "document", "ascii_only": False}  # text_field: .jsonl/.csv only
     assert [(s["name"], s["size"], s["samples"]) for s in m["sources"]] == [
         ("a.txt", (two_plays / "a.txt").stat().st_size, 1),
         ("b.txt", (two_plays / "b.txt").stat().st_size, 1),
@@ -178,12 +167,12 @@ def test_second_prepare_reuses_the_cached_dataset_without_tokenising(
 ):
     options = dict(max_seq_len=63, chunk_size=64, cache_dir=tmp_path / "cache", text_mode="document")
     counting = CountingTokenizer(tokenizer)
-    first = prepare_dataset(str(two_plays), counting, "bpe-512", **options)
+    first = prepare(two_plays, counting, **options)
     assert counting.encodes > 0
     stamps = {p.name: p.stat().st_mtime_ns for p in first.path.iterdir()}
 
     counting.encodes = 0
-    again = prepare_dataset(str(two_plays), counting, "bpe-512", **options)
+    again = prepare(two_plays, counting, **options)
     assert counting.encodes == 0
     assert again.path == first.path
     assert {p.name: p.stat().st_mtime_ns for p in again.path.iterdir()} == stamps
@@ -194,18 +183,18 @@ def test_a_changed_source_byte_tokenizer_or_option_gives_a_new_fingerprint(
     two_plays: Path, tokenizer, tokenizer_dir: Path, tmp_path: Path
 ):
     options = dict(max_seq_len=63, chunk_size=64, cache_dir=tmp_path / "cache", text_mode="document")
-    base = prepare_dataset(str(two_plays), tokenizer, "bpe-512", **options)
+    base = prepare(two_plays, tokenizer, **options)
 
     changed_tokenizer = load_tokenizer(str(tokenizer_dir))
     changed_tokenizer.add_tokens(["<stage>"])
-    by_tokenizer = prepare_dataset(str(two_plays), changed_tokenizer, "bpe-512", **options)
-    by_seq_len = prepare_dataset(str(two_plays), tokenizer, "bpe-512", **{**options, "max_seq_len": 62})
-    by_mode = prepare_dataset(str(two_plays), tokenizer, "bpe-512", **{**options, "text_mode": "lines"})
+    by_tokenizer = prepare(two_plays, changed_tokenizer, **options)
+    by_seq_len = prepare(two_plays, tokenizer, **{**options, "max_seq_len": 62})
+    by_mode = prepare(two_plays, tokenizer, **{**options, "text_mode": "lines"})
 
     data = bytearray((two_plays / "b.txt").read_bytes())
     data[100] = ord("X") if data[100] != ord("X") else ord("Y")
     (two_plays / "b.txt").write_bytes(bytes(data))
-    by_source = prepare_dataset(str(two_plays), tokenizer, "bpe-512", **options)
+    by_source = prepare(two_plays, tokenizer, **options)
 
     fingerprints = {d.fingerprint for d in (base, by_tokenizer, by_seq_len, by_mode, by_source)}
     assert len(fingerprints) == 5
@@ -227,11 +216,11 @@ def test_a_corrupt_manifest_is_prepared_again_with_a_warning(
     two_plays: Path, tokenizer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ):
     options = dict(max_seq_len=63, chunk_size=64, cache_dir=tmp_path / "cache", text_mode="document")
-    first = prepare_dataset(str(two_plays), tokenizer, "bpe-512", **options)
+    first = prepare(two_plays, tokenizer, **options)
     expected = first.get(np.arange(first.num_sequences))
     (first.path / "manifest.json").write_text('{"format_version": 1, "chunks": [')  # a torn write
     with caplog.at_level(logging.WARNING, logger="aios.data.prepare"):
-        again = prepare_dataset(str(two_plays), tokenizer, "bpe-512", **options)
+        again = prepare(two_plays, tokenizer, **options)
     assert "is unusable and will be prepared again" in caplog.text and "corrupt" in caplog.text
     assert again.path == first.path
     assert np.array_equal(again.get(np.arange(again.num_sequences)), expected)
@@ -239,7 +228,7 @@ def test_a_corrupt_manifest_is_prepared_again_with_a_warning(
     (again.path / "chunk-00001.npy").unlink()  # a missing chunk is just as unusable
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="aios.data.prepare"):
-        third = prepare_dataset(str(two_plays), tokenizer, "bpe-512", **options)
+        third = prepare(two_plays, tokenizer, **options)
     assert "lacks 1 chunk files" in caplog.text
     assert (third.path / "chunk-00001.npy").is_file()
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [first.path.name]
@@ -272,3 +261,86 @@ def test_get_reads_only_the_chunks_it_needs(small_dataset: PreparedDataset):
         assert np.array_equal(row, chunk[i % 16])
     with pytest.raises(IndexError):
         reader.get(np.array([reader.num_sequences]))
+
+
+def test_options_that_affect_none_of_the_formats_leave_the_fingerprint_alone(tmp_path: Path, tokenizer, caplog):
+    from aios.data import warn_unused_options
+
+    text = tmp_path / "plays.txt"
+    text.write_text("\n".join(f"Line {i} of the play, spoken aloud." for i in range(300)) + "\n")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": f"Row {i}.", "body": f"Body {i}."}) + "\n" for i in range(300)))
+    both = tmp_path / "both"
+    both.mkdir()
+    for file in (text, rows):
+        (both / file.name).write_bytes(file.read_bytes())
+
+    def fingerprint(source, **options):
+        return prepare(source, tokenizer, max_seq_len=15, chunk_size=32, cache_dir=tmp_path / "cache",
+                       **options).fingerprint
+
+    # --text-field only affects .jsonl/.csv, --text-mode only .txt: elsewhere they change nothing.
+    assert fingerprint(text, text_field="body") == fingerprint(text)
+    assert fingerprint(rows, text_mode="document") == fingerprint(rows)
+    assert fingerprint(rows, text_field="body") != fingerprint(rows)
+    assert fingerprint(both, text_field="body") != fingerprint(both)
+    assert fingerprint(both, text_mode="document") != fingerprint(both)
+    # The manifest records the options that apply.
+    txt_only = prepare(text, tokenizer, max_seq_len=15, chunk_size=32, cache_dir=tmp_path / "c2")
+    assert txt_only.manifest["text_options"] == {"text_mode": "lines", "ascii_only": False}
+    jsonl_only = prepare(rows, tokenizer, max_seq_len=15, chunk_size=32, cache_dir=tmp_path / "c2")
+    assert jsonl_only.manifest["text_options"] == {"text_field": "text", "ascii_only": False}
+
+    # The caller warns about each one that had no effect on any of its datasets.
+    document = PrepareOptions(max_seq_len=15, chunk_size=32, text_mode="document", text_field="body")
+    with caplog.at_level(logging.WARNING, logger="aios.data.prepare"):
+        assert warn_unused_options(document, [jsonl_only], PREPARE) == ["text_mode"]
+        assert warn_unused_options(document, [txt_only], PREPARE) == ["text_field"]
+        assert warn_unused_options(document, [txt_only, jsonl_only], PREPARE) == []
+        assert warn_unused_options(PrepareOptions(max_seq_len=15, chunk_size=32), [txt_only], PREPARE) == []
+    assert [r.getMessage() for r in caplog.records] == [
+        f"--text-mode document has no effect: it only applies to .txt files and '{rows}' has none; drop --text-mode",
+        f"--text-field body has no effect: it only applies to .jsonl/.csv files and '{text}' has none; "
+        f"drop --text-field",
+    ]
+
+
+def test_fingerprints_of_datasets_prepared_with_default_options_are_unchanged(two_plays: Path, tokenizer, tmp_path):
+    # Existing prepared caches (and the checkpoints that name their fingerprint) stay valid: the identity of
+    # every option, applicable or not, is still part of the hash, exactly as before.
+    import hashlib
+
+    dataset = prepare(two_plays, tokenizer, max_seq_len=63, chunk_size=64, cache_dir=tmp_path / "cache",
+                      text_mode="document", holdout_fraction=0.05)
+    identity = {
+        "format_version": 1,
+        "sources": [[s["name"], s["sha256"]] for s in dataset.manifest["sources"]],
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "max_seq_len": 63, "chunk_size": 64, "text_mode": "document", "text_field": "text", "ascii_only": False,
+        "holdout_fraction": 0.05,
+    }
+    assert dataset.fingerprint == hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def test_a_source_with_the_bytes_of_a_training_source_is_refused_before_tokenising(
+    two_plays: Path, tokenizer, tmp_path: Path
+):
+    from aios.errors import AiosError
+
+    train = prepare(two_plays, tokenizer, max_seq_len=63, chunk_size=64, cache_dir=tmp_path / "cache",
+                    text_mode="document")
+    copy = tmp_path / "held-out.txt"
+    copy.write_bytes((two_plays / "b.txt").read_bytes())
+    counting = CountingTokenizer(tokenizer)
+    options = PrepareOptions(max_seq_len=63, chunk_size=64)
+    with pytest.raises(AiosError, match=r"'.*held-out.txt' is part of the training data: it has the same bytes "
+                                        r"as 'b.txt' of '.*plays'"):
+        prepare_dataset(str(copy), counting, "bpe-512", options, flags=PREPARE, cache_dir=tmp_path / "cache",
+                        disjoint_from=train)
+    assert counting.encodes == 0
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [train.path.name]
+    other = tmp_path / "other.txt"
+    other.write_text((two_plays / "b.txt").read_text() + "One more line.\n")
+    held_out = prepare_dataset(str(other), tokenizer, "bpe-512", options, flags=PREPARE,
+                               cache_dir=tmp_path / "cache", disjoint_from=train)
+    assert held_out.num_sequences > 0

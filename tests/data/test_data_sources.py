@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from aios.data import prepare_dataset
+from aios.data import PrepareOptions, prepare_dataset
+from aios.data.flags import PREPARE
 from aios.data.sources import (
     DOCUMENT_PIECE_CHARS,
     ReadCounts,
@@ -30,13 +31,14 @@ def read_samples(source, *, text_mode="lines", text_field="text", ascii_only=Fal
     """(texts of finished samples, counts): segments of a document are joined back."""
     counts = ReadCounts()
     samples, pieces = [], []
-    for path, name in resolve_source(source):
+    for path, name in resolve_source(source, PREPARE):
         for segment in iter_segments(
             inspect_file(path, name),
             text_mode=text_mode,
             text_field=text_field,
             ascii_only=ascii_only,
             counts=counts,
+            flags=PREPARE,
         ):
             pieces.append(segment.text)
             if segment.ends_document:
@@ -66,6 +68,7 @@ def test_txt_document_mode_gives_the_whole_file_as_one_sample(tmp_path: Path, sa
             text_field="text",
             ascii_only=False,
             counts=counts,
+            flags=PREPARE,
         )
     )
     # A long document comes in pieces cut at line breaks, only the last one ends the document.
@@ -118,14 +121,14 @@ def test_directory_reads_supported_files_recursively_in_sorted_order(tmp_path: P
     (tmp_path / "notes.md").write_text("not data\n")  # other extensions are ignored
     (tmp_path / ".hidden").mkdir()
     (tmp_path / ".hidden" / "x.txt").write_text("hidden\n")
-    assert [name for _, name in resolve_source(tmp_path)] == ["a.txt", "b/m.jsonl", "b/z.txt"]
+    assert [name for _, name in resolve_source(tmp_path, PREPARE)] == ["a.txt", "b/m.jsonl", "b/z.txt"]
     assert read_samples(tmp_path)[0] == ["first", "second", "third"]
 
 
 def test_glob_reads_matching_files_with_names_relative_to_their_common_folder(tmp_path: Path):
     for name in ("part-2.txt", "part-1.txt", "other.txt"):
         (tmp_path / name).write_text(name + "\n")
-    files = resolve_source(str(tmp_path / "part-*.txt"))
+    files = resolve_source(str(tmp_path / "part-*.txt"), PREPARE)
     assert [name for _, name in files] == ["part-1.txt", "part-2.txt"]
     assert read_samples(str(tmp_path / "part-*.txt"))[0] == ["part-1.txt", "part-2.txt"]
 
@@ -158,7 +161,9 @@ def test_inspect_file_hashes_and_flags_ascii(tmp_path: Path):
 def prepare_error(tmp_path: Path, tokenizer, source, **options) -> str:
     options = {"max_seq_len": 16, "chunk_size": 8, **options}
     with pytest.raises(AiosError) as info:
-        prepare_dataset(str(source), tokenizer, "bpe-512", cache_dir=tmp_path / "cache", **options)
+        prepare_dataset(
+            str(source), tokenizer, "bpe-512", PrepareOptions(**options), flags=PREPARE, cache_dir=tmp_path / "cache"
+        )
     message = str(info.value)
     assert "\n" not in message and ":" in message
     cache = tmp_path / "cache"
