@@ -49,19 +49,21 @@ def launch(config: TrainingConfig, callbacks=None):
     if config.resume and not has_work:
         log.warning("--resume: brain '%s' has no checkpoint yet; starting a new run", config.brain_name)
     _check_stop_file(config.stop_file)
-    _check_output_paths(config, bundle.root, resuming=has_work)
     device = resolve_device(config.device)
-
+    created = _check_output_paths(config, bundle.root, resuming=has_work)
     session = LocalSession(checkpoints, device=device, keep_checkpoints=config.keep_checkpoints,
                            resume=config.resume, stop_file=config.stop_file, require_checkpoint=has_work)
-    with bundle.lock(), session.handle_signals():  # SIGTERM from here on: a clean exit (see LocalSession)
-        remove_leftovers(checkpoints)
-        try:
-            result = Trainer(config, session, callbacks).run()
-        finally:
-            session.close()
-        if result.reason == "stop":
-            session.consume_stop_file()
+    try:
+        with bundle.lock(), session.handle_signals():  # SIGTERM from here on: a clean exit (see LocalSession)
+            remove_leftovers(checkpoints)
+            try:
+                result = Trainer(config, session, callbacks).run()
+            finally:
+                session.close()
+            if result.reason == "stop":
+                session.consume_stop_file()
+    finally:
+        _remove_if_empty(created)  # a run refused before it wrote anything leaves no trace
     return result
 
 
@@ -70,10 +72,13 @@ def already_reached_message(config: TrainingConfig, step: int) -> str:
             f"nothing to train (pass a larger --steps to continue it)")
 
 
-def _writable_dir(flag: str, path: Path, what: str = "") -> None:
-    """Create `path` (and its parents) or refuse in one line naming the path and the reason."""
+def _writable_dir(flag: str, path: Path, created: list[Path], what: str = "") -> None:
+    """Create `path` (and its parents; each one made is appended to `created`) or refuse in one line naming
+    the path and the reason."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
     try:
         path.mkdir(parents=True, exist_ok=True)
+        created.extend(reversed(missing))
     except FileExistsError:
         raise AiosError(f"{flag} {path}{what} is a file, not a directory: pass a directory path") from None
     except OSError as exc:
@@ -83,7 +88,7 @@ def _writable_dir(flag: str, path: Path, what: str = "") -> None:
         raise AiosError(f"{flag} {path}{what}: no permission to write there; pass a directory you can write to")
 
 
-def _check_output_paths(config: TrainingConfig, bundle_root: Path, *, resuming: bool) -> None:
+def _check_output_paths(config: TrainingConfig, bundle_root: Path, *, resuming: bool) -> list[Path]:
     """Every output location is the right kind of thing and can be created and written, before any work
     (the checks that create nothing come first)."""
     if bundle_root.exists() and not bundle_root.is_dir():
@@ -98,10 +103,21 @@ def _check_output_paths(config: TrainingConfig, bundle_root: Path, *, resuming: 
                             f"continues its own log)")
         if log_file.exists() and not os.access(log_file, os.W_OK):
             raise AiosError(f"--log-file {log_file}: no permission to write it; pass a file you can write")
-    _writable_dir("--bundle-dir", Path(config.bundle_dir))
-    _writable_dir("--data-cache-dir", Path(config.data_cache_dir))
+    created: list[Path] = []
+    _writable_dir("--bundle-dir", Path(config.bundle_dir), created)
+    _writable_dir("--data-cache-dir", Path(config.data_cache_dir), created)
     if log_file is not None:
-        _writable_dir("--log-file", log_file.parent, f" (the directory of {log_file})")
+        _writable_dir("--log-file", log_file.parent, created, f" (the directory of {log_file})")
+    return created
+
+
+def _remove_if_empty(directories: list[Path]) -> None:
+    """Remove the output directories this launch created and left empty (deepest first)."""
+    for directory in reversed(directories):
+        try:
+            directory.rmdir()
+        except OSError:  # not empty (the run wrote into it), or already gone
+            pass
 
 
 def _check_stop_file(stop_file: str | None) -> None:

@@ -29,7 +29,14 @@ import torch
 
 from aios.bundle import BrainBundle
 from aios.config import TrainingConfig, field_group
-from aios.data import ChunkSampler, PreparedDataset, prepare_dataset
+from aios.data import (
+    ChunkSampler,
+    PreparedDataset,
+    PrepareOptions,
+    flags,
+    prepare_dataset,
+    warn_unused_options,
+)
 from aios.errors import AiosError
 from aios.inference import autocast_context, evaluate_lm
 from aios.models.hrm_act_v1 import ACTCarry, HRMACTv1, HRMACTv1Config, act_loss, shift_labels
@@ -142,8 +149,9 @@ class Trainer:
 
         vocab_size = len(self.tokenizer)
         if self.dataset.vocab_size > vocab_size:
-            raise AiosError(f"prepared data has vocab {self.dataset.vocab_size} > tokenizer {vocab_size}: "
-                            f"delete {self.dataset.path} and rerun")
+            raise AiosError(f"the prepared data in {self.dataset.path} has a vocabulary of {self.dataset.vocab_size}, "
+                            f"the tokenizer --model {config.model} has {vocab_size}: delete {self.dataset.path} so "
+                            f"that it is prepared again")
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         self.model = HRMACTv1(model_config_for(config, vocab_size), gradient_checkpointing=config.gradient_checkpointing,
                               use_flash_attn=config.use_flash_attn).to(self.device)
@@ -182,8 +190,6 @@ class Trainer:
         leaves its fingerprint, and so `--resume`, unchanged; with --eval-file evaluation reads that file
         instead (refused when it is part of the training data) and the tail goes unused.
         """
-        from aios.data import PrepareOptions, flags, warn_unused_options
-
         cfg = self.config
         options = PrepareOptions(max_seq_len=cfg.max_seq_len, chunk_size=cfg.dataset_chunk_size,
                                  text_mode=cfg.text_mode, text_field=cfg.text_field, ascii_only=cfg.ascii_only,

@@ -16,7 +16,7 @@ from aios.cli import main as cli_main
 from aios.config import TrainingConfig
 from aios.errors import AiosError
 from aios.train import launch
-from aios.train.checkpoint import load_state
+from aios.train.checkpoint import read_state as load_state
 from aios.train.precision import autocast_dtype, dtype_name
 
 EVAL_TEXT = Path(__file__).resolve().parents[2] / "training_data" / "eval_test_dataset.txt"
