@@ -32,7 +32,7 @@ def autocast_dtype(amp: bool | None, amp_dtype: str, device: torch.device) -> to
         if torch.cuda.is_bf16_supported():
             return torch.bfloat16
         if amp is None:
-            log.info("--amp auto: this GPU has no bf16; training in float32 (--amp --amp-dtype fp16 for fp16)")
+            log.info("--amp auto: this GPU has no bf16; computing in float32 (--amp --amp-dtype fp16 for fp16)")
             return None
         log.warning("--amp: this GPU has no native bf16, so bf16 autocast is emulated; --amp-dtype fp16 is faster")
         return torch.bfloat16
@@ -41,7 +41,7 @@ def autocast_dtype(amp: bool | None, amp_dtype: str, device: torch.device) -> to
     if cpu_has_native_bf16():
         return torch.bfloat16
     if amp is None and amp_dtype != "fp16":
-        log.info("--amp auto: this CPU has no native bf16 (AVX512-BF16 or AMX); training in float32")
+        log.info("--amp auto: this CPU has no native bf16 (AVX512-BF16 or AMX); computing in float32")
         return None
     log.warning("--amp: this CPU has no native bf16 (AVX512-BF16 or AMX), so bf16 autocast is emulated and "
                 "likely slower than float32 (--no-amp)")
