@@ -10,10 +10,11 @@ from rich.console import Console
 from rich.table import Table
 
 from aios.bundle import BrainBundle, list_bundles
+from aios.cli.app import App
 from aios.errors import AiosError
 from aios.paths import DEFAULT_BUNDLE_DIR
 
-app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
+app = App(no_args_is_help=True)
 console = Console()
 
 BundleDir = Annotated[str, typer.Option("--bundle-dir", help="Directory that holds brain bundles.")]

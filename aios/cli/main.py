@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from aios import __version__
+from aios.cli.app import App
 from aios.errors import AiosError, Terminated
 
 # Nothing is ever downloaded at run time: tokenizers and models resolve from local files only.
@@ -19,12 +20,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 err_console = Console(stderr=True)
 
-app = typer.Typer(
+app = App(
     name="aios",
     help="Train Hierarchical Reasoning Models (HRM ACT v1) on text.",
     no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
 )
 
 _state = {"debug": False}
