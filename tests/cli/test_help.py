@@ -58,6 +58,8 @@ def test_help_at_80_columns_shows_every_flag_and_help_word_whole(path):
         for word in (param.help or "").split():
             assert word in words, f"{word!r} of the help of {param.name} is missing or cut"
     assert "--help" in tokens
+    if path and not hasattr(command, "commands"):  # a command, not a group: --debug after it works too
+        assert "--debug" in tokens
     for name, sub in getattr(command, "commands", {}).items():
         assert name in words
         summary = (sub.help or "").split("\n\n")[0]

@@ -100,7 +100,7 @@ def test_every_config_field_is_one_generated_option_in_its_group():
         assert option.opts == [flag_name(name)]
         assert option.rich_help_panel == field_group(name)
         assert option.default == field.default
-    assert sorted(options) == ["config", "print_config"]  # nothing hand-written besides these two
+    assert sorted(options) == ["config", "debug", "print_config"]  # hand-written; --debug: every command has it
 
 
 # ---- precedence: defaults < preset < typed flags ------------------------------------------------------

@@ -66,6 +66,21 @@ def test_brains_list_and_show(trained):
     assert shown["config"]["model_type"] == "hrm_act_v1"
 
 
+@pytest.mark.parametrize("args", [
+    ["hrm-hf", "train-actv1", *TINY, "--hidden-size", "33"],
+    ["brains", "show", "no-such-brain"],
+])
+def test_debug_after_the_subcommand_shows_the_traceback(tmp_path, args):
+    where = ["--bundle-dir", tmp_path]
+    plain = aios(*args, *where, check=False)
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr
+    for debug_args in ([*args, *where, "--debug"], ["--debug", *args, *where]):
+        debug = aios(*debug_args, check=False)
+        assert debug.returncode != 0
+        assert "Traceback" in debug.stderr and "aios.errors.AiosError" in debug.stderr, debug.stderr
+    assert not any(tmp_path.iterdir())
+
+
 def test_sigterm_finishes_the_step_checkpoints_and_exits_zero(tmp_path):
     bundle_dir = tmp_path / "brains"
     process = subprocess.Popen(
