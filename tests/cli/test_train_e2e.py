@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -60,10 +61,66 @@ def test_eval_prints_json_metrics(trained):
 def test_brains_list_and_show(trained):
     listing = aios("brains", "list", "--bundle-dir", trained["bundle_dir"]).stdout
     assert "e2e" in listing and "ok" in listing
-    shown = json.loads(aios("brains", "show", "e2e", "--bundle-dir", trained["bundle_dir"]).stdout)
+    shown = json.loads(aios("brains", "show", "e2e", "--bundle-dir", trained["bundle_dir"], "--json").stdout)
     assert shown["metadata"]["steps"] == 3
     assert shown["checkpoints"] == [{"name": "step-000003", "status": "complete"}]
     assert shown["config"]["model_type"] == "hrm_act_v1"
+
+
+def table_rows(text: str) -> dict[str, str]:
+    """label -> value of the two-column tables `brains show` prints (wrapped values joined)."""
+    rows: dict[str, str] = {}
+    label = None
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("│").split("│")]
+        if len(cells) != 2:
+            label = None
+            continue
+        if cells[0]:
+            label = cells[0]
+            rows.setdefault(label, cells[1])
+        elif label:
+            rows[label] += " " + cells[1]
+    return rows
+
+
+def test_brains_show_prints_a_summary_of_the_json(trained):
+    info = json.loads(aios("brains", "show", "e2e", "--bundle-dir", trained["bundle_dir"], "--json").stdout)
+    text = aios("brains", "show", "e2e", "--bundle-dir", trained["bundle_dir"]).stdout
+    rows, meta, config = table_rows(text), info["metadata"], info["config"]
+    assert rows["name"] == "e2e" and rows["path"] == info["path"]
+    assert rows["steps"] == "3" and rows["parameters"] == f"{meta['parameters']:,}"
+    assert rows["eval loss"] == f"{meta['last_eval']['loss']:.3f} (step 3)"
+    assert rows["eval perplexity"] == f"{meta['last_eval']['perplexity']:.1f}"
+    assert rows["tokenizer"] == f"{meta['tokenizer']['name']} ({meta['tokenizer']['fingerprint'][:12]})"
+    train, held_out = meta["datasets"]["train"], meta["datasets"]["eval"]
+    assert rows["train data"] == f"{train['source']} ({train['fingerprint'][:12]})"
+    assert rows["eval data"] == f"{held_out['source']} ({held_out['fingerprint'][:12]})"
+    assert (rows["hidden size D"], rows["heads"]) == ("32", "2")
+    assert rows["layers H / L"] == f"{config['H_layers']} / {config['L_layers']}"
+    assert rows["M (halt max steps)"] == str(config["halt_max_steps"]) and rows["MoE"] == "off"
+    tracker = info["chunk_tracker_state"]
+    assert rows["sequences consumed"] == f"{tracker['sequences_consumed']:,} of {tracker['total_train_sequences']:,}"
+    assert "step-000003" in text and "complete" in text
+
+
+def test_brains_show_of_an_older_bundle_shows_dashes_for_what_it_lacks(trained, tmp_path):
+    import shutil
+
+    old = tmp_path / "brains" / "old"
+    shutil.copytree(trained["bundle_dir"] / "e2e", old, ignore=shutil.ignore_patterns("checkpoints"))
+    (old / "metadata.json").write_text(json.dumps({"name": "old", "steps": 7, "last_eval": None}))
+    (old / "chunk_tracker_state.json").unlink()
+    config = json.loads((old / "config.json").read_text())
+    del config["use_moe"], config["H_cycles"], config["L_cycles"]
+    (old / "config.json").write_text(json.dumps(config))
+    text = aios("brains", "show", "old", "--bundle-dir", tmp_path / "brains").stdout
+    rows = table_rows(text)
+    assert rows["steps"] == "7"
+    for label in ("parameters", "eval loss", "eval perplexity", "created", "tokenizer", "train data", "MoE",
+                  "cycles H / L", "epoch", "sequences consumed"):
+        assert rows[label] == "-", label
+    assert re.search(r"│ -\s+│ none\s+│", text)  # no checkpoints
 
 
 @pytest.mark.parametrize("args", [
