@@ -1,4 +1,4 @@
-"""`aios brains ...`: list and inspect brain bundles."""
+"""`aios brains ...`: list, inspect and plot brain bundles."""
 
 from __future__ import annotations
 
@@ -67,6 +67,16 @@ def show_command(
         return
     for table in summary_tables(bundle.name, info):
         console.print(table)
+
+
+@app.command("plot")
+def plot_command(name: BrainName, bundle_dir: BundleDir = DEFAULT_BUNDLE_DIR) -> None:
+    """Plot training loss, eval loss and ACT segments against step into <bundle>/training_curves.png."""
+    from aios.bundle import BrainBundle
+    from aios.bundle.plot import plot_training_curves
+
+    bundle = BrainBundle.open(name, bundle_dir)
+    typer.echo(str(plot_training_curves(bundle.root)))
 
 
 # ---- `brains show`: the tables ------------------------------------------------------------------------

@@ -18,7 +18,7 @@ ROOT = typer.main.get_command(app)
 
 # The commands the README documents; the test below also covers any command added later.
 DOCUMENTED = {(), ("hrm-hf", "train-actv1"), ("hrm-hf", "generate"), ("hrm-hf", "eval"), ("brains", "list"),
-              ("brains", "show"), ("data", "prepare"), ("data", "inspect"),
+              ("brains", "show"), ("brains", "plot"), ("data", "prepare"), ("data", "inspect"),
               ("tokenizer", "train"), ("tokenizer", "encode"), ("tokenizer", "info")}
 
 

@@ -123,6 +123,32 @@ def test_brains_show_of_an_older_bundle_shows_dashes_for_what_it_lacks(trained, 
     assert re.search(r"│ -\s+│ none\s+│", text)  # no checkpoints
 
 
+def test_brains_plot_writes_the_curves_of_the_metrics_into_the_bundle(trained):
+    from aios.bundle.plot import read_training_curves
+
+    root = trained["bundle_dir"] / "e2e"
+    result = aios("brains", "plot", "e2e", "--bundle-dir", trained["bundle_dir"])
+    assert result.stdout.strip() == str(root / "training_curves.png")
+    data = (root / "training_curves.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    records = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["event"] == "step"]
+    curves = read_training_curves(root / "metrics.jsonl")
+    assert curves.train_steps == [1, 2, 3] and curves.train_loss == [r["loss"] for r in steps]
+    assert curves.eval_steps == [3] and curves.eval_loss == [r["loss"] for r in records if r["event"] == "eval"]
+    assert curves.segments == [r["segments"] for r in steps if r["segments"] is not None]
+
+
+def test_brains_plot_without_metrics_is_one_line_naming_the_fix(trained, tmp_path):
+    import shutil
+
+    shutil.copytree(trained["bundle_dir"] / "e2e", tmp_path / "brains" / "bare",
+                    ignore=shutil.ignore_patterns("checkpoints", "metrics.jsonl"))
+    result = aios("brains", "plot", "bare", "--bundle-dir", tmp_path / "brains", check=False)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    assert "no metrics.jsonl in" in result.stderr and "aios hrm-hf train-actv1 --brain-name bare" in result.stderr
+
+
 @pytest.mark.parametrize("args", [
     ["hrm-hf", "train-actv1", *TINY, "--hidden-size", "33"],
     ["brains", "show", "no-such-brain"],
