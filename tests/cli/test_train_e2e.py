@@ -164,6 +164,18 @@ def test_debug_after_the_subcommand_shows_the_traceback(tmp_path, args):
     assert not any(tmp_path.iterdir())
 
 
+def test_a_brain_name_starting_with_a_dot_is_refused_by_every_brains_command(trained, tmp_path):
+    import shutil
+
+    shutil.copytree(trained["bundle_dir"] / "e2e", tmp_path / ".hidden")  # e.g. made before names were checked
+    assert "no brain bundles" in aios("brains", "list", "--bundle-dir", tmp_path).stdout
+    for args in (["brains", "show", ".hidden"], ["hrm-hf", "generate", "--brain", ".hidden"]):
+        result = aios(*args, "--bundle-dir", tmp_path, check=False)
+        assert result.returncode == 2 and "'.hidden' is not a brain name" in result.stderr, result.stderr
+    by_path = aios("brains", "show", tmp_path / ".hidden", "--json")  # its path still opens it
+    assert json.loads(by_path.stdout)["metadata"]["steps"] == 3
+
+
 def test_sigterm_finishes_the_step_checkpoints_and_exits_zero(tmp_path):
     bundle_dir = tmp_path / "brains"
     process = subprocess.Popen(
@@ -188,6 +200,7 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_zero(tmp_path):
     (["--dataset-file", "no/such.txt"], "--dataset-file: file 'no/such.txt' does not exist"),
     (["--hidden-size", "33"], "--hidden-size: 33 is not divisible by --num-heads 2"),
     (["--brain-name", "../escape"], "--brain-name '../escape' is not a single directory name"),
+    (["--brain-name", ".hidden"], "--brain-name '.hidden' starts with '.', which would hide it from `aios brains list`"),
     (["--ddp"], "--ddp is not available yet"),
     (["--lr", "inf"], "--lr must be a finite number, got inf"),
     (["--weight-decay", "nan"], "--weight-decay must be a finite number, got nan"),
