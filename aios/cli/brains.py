@@ -90,7 +90,9 @@ def summary_tables(name: str, info: dict) -> list[Table]:
         ("name", _text(meta.get("name"))),
         ("path", _text(info.get("path"))),
         ("steps", _count(meta.get("steps"))),
-        ("tokens seen", _count(meta.get("tokens_seen"))),
+        ("sample tokens seen", _count(meta.get("sample_tokens_seen"))),  # data
+        # compute (rows x tokens per step); bundles from before the split called it tokens_seen
+        ("segment tokens seen", _count(meta.get("segment_tokens_seen", meta.get("tokens_seen")))),
         ("parameters", _count(meta.get("parameters"))),
         ("eval loss", _eval_loss(last_eval)),
         ("eval perplexity", _number(last_eval.get("perplexity"), ".1f")),

@@ -90,6 +90,8 @@ def test_brains_show_prints_a_summary_of_the_json(trained):
     rows, meta, config = table_rows(text), info["metadata"], info["config"]
     assert rows["name"] == "e2e" and rows["path"] == info["path"]
     assert rows["steps"] == "3" and rows["parameters"] == f"{meta['parameters']:,}"
+    assert rows["sample tokens seen"] == f"{meta['sample_tokens_seen']:,}"
+    assert rows["segment tokens seen"] == f"{meta['segment_tokens_seen']:,}"
     assert rows["eval loss"] == f"{meta['last_eval']['loss']:.3f} (step 3)"
     assert rows["eval perplexity"] == f"{meta['last_eval']['perplexity']:.1f}"
     assert rows["tokenizer"] == f"{meta['tokenizer']['name']} ({meta['tokenizer']['fingerprint'][:12]})"
@@ -109,16 +111,16 @@ def test_brains_show_of_an_older_bundle_shows_dashes_for_what_it_lacks(trained, 
 
     old = tmp_path / "brains" / "old"
     shutil.copytree(trained["bundle_dir"] / "e2e", old, ignore=shutil.ignore_patterns("checkpoints"))
-    (old / "metadata.json").write_text(json.dumps({"name": "old", "steps": 7, "last_eval": None}))
+    (old / "metadata.json").write_text(json.dumps({"name": "old", "steps": 7, "last_eval": None, "tokens_seen": 448}))
     (old / "chunk_tracker_state.json").unlink()
     config = json.loads((old / "config.json").read_text())
     del config["use_moe"], config["H_cycles"], config["L_cycles"]
     (old / "config.json").write_text(json.dumps(config))
     text = aios("brains", "show", "old", "--bundle-dir", tmp_path / "brains").stdout
     rows = table_rows(text)
-    assert rows["steps"] == "7"
-    for label in ("parameters", "eval loss", "eval perplexity", "created", "tokenizer", "train data", "MoE",
-                  "cycles H / L", "epoch", "sequences consumed"):
+    assert rows["steps"] == "7" and rows["segment tokens seen"] == "448"  # its older name
+    for label in ("parameters", "sample tokens seen", "eval loss", "eval perplexity", "created", "tokenizer",
+                  "train data", "MoE", "cycles H / L", "epoch", "sequences consumed"):
         assert rows[label] == "-", label
     assert re.search(r"│ -\s+│ none\s+│", text)  # no checkpoints
 
