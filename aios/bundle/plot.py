@@ -2,8 +2,9 @@
 
 Two panels over the optimizer step: the training loss of every step with the eval loss of every
 evaluation, and the mean ACT segments of the samples that halted at each step (with M, the most a
-sample can take). A log may hold a step twice when a crashed attempt was resumed from an older
-checkpoint: the last record of each (event, step) is the one that counts, so each step is one point.
+sample can take). A step logged twice, by an attempt that crashed after its last checkpoint and the
+attempt that resumed from it (logs from before MetricsLog trimmed them on resume), is one point: the
+last record of each (event, step) counts.
 """
 
 from __future__ import annotations
