@@ -28,6 +28,7 @@ import torch
 from aios.atomic import atomic_write_json, atomic_write_text, fsync_dir, fsync_file
 from aios.errors import AiosError
 from aios.models.hrm_act_v1 import CONFIG_NAME, WEIGHTS_NAME, HRMACTv1
+from aios.paths import HIDDEN_PREFIX
 
 METADATA = "metadata.json"
 TRAINING_ARGS = "training_args.json"
@@ -61,6 +62,10 @@ class BrainBundle:
         """An existing bundle, by name under `bundle_dir` or by path; AiosError when it is not a bundle."""
         candidate = Path(name_or_path)
         if not (candidate / CONFIG_NAME).is_file():  # not a bundle path: a name under bundle_dir
+            if is_hidden_name(name_or_path):  # what `brains list` skips is not a brain by name either
+                raise AiosError(f"'{name_or_path}' is not a brain name: names starting with '{HIDDEN_PREFIX}' are "
+                                f"hidden staging directories; pass a name from `aios brains list` or a bundle "
+                                f"directory path")
             candidate = Path(bundle_dir) / name_or_path
         bundle = cls(candidate)
         problem = bundle.missing()
@@ -187,4 +192,9 @@ def list_bundles(bundle_dir: str | Path) -> list[BrainBundle]:
     root = Path(bundle_dir)
     if not root.is_dir():
         return []
-    return [BrainBundle(p) for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+    return [BrainBundle(p) for p in sorted(root.iterdir()) if p.is_dir() and not is_hidden_name(p.name)]
+
+
+def is_hidden_name(name: str) -> bool:
+    """A directory name under a bundle dir that is never a brain (staging copies; see aios.paths)."""
+    return name.startswith(HIDDEN_PREFIX) and name not in (".", "..") and "/" not in name and os.sep not in name

@@ -1,27 +1,33 @@
-"""`aios brains ...`: list and inspect brain bundles."""
+"""`aios brains ...`: list, inspect and plot brain bundles."""
 
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from aios.bundle import BrainBundle, list_bundles
+from aios.cli.app import App
 from aios.errors import AiosError
 from aios.paths import DEFAULT_BUNDLE_DIR
 
-app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
+# aios.bundle (and torch with it) is imported inside the commands: `aios ... --help` must not pay for it.
+
+app = App(no_args_is_help=True)
 console = Console()
 
 BundleDir = Annotated[str, typer.Option("--bundle-dir", help="Directory that holds brain bundles.")]
+BrainName = Annotated[str, typer.Argument(help="Bundle name under --bundle-dir, or a bundle directory.")]
+MISSING = "-"  # what a field absent from an (older) bundle's files shows as
 
 
 @app.command("list")
 def list_command(bundle_dir: BundleDir = DEFAULT_BUNDLE_DIR) -> None:
     """Every bundle under --bundle-dir with its steps, size and last evaluation."""
+    from aios.bundle import list_bundles
+
     bundles = list_bundles(bundle_dir)
     if not bundles:
         typer.echo(f"no brain bundles in {bundle_dir}")
@@ -41,9 +47,13 @@ def list_command(bundle_dir: BundleDir = DEFAULT_BUNDLE_DIR) -> None:
 
 
 @app.command("show")
-def show_command(name: Annotated[str, typer.Argument(help="Bundle name or directory.")],
-                 bundle_dir: BundleDir = DEFAULT_BUNDLE_DIR) -> None:
-    """Metadata, model config, data progress and checkpoints of one bundle (JSON)."""
+def show_command(
+    name: BrainName,
+    bundle_dir: BundleDir = DEFAULT_BUNDLE_DIR,
+    as_json: Annotated[bool, typer.Option("--json", help="Print everything as one JSON object instead.")] = False,
+) -> None:
+    """Summary of one bundle: metadata, model config, data progress and checkpoints."""
+    from aios.bundle import BrainBundle
     from aios.train.checkpoint import list_checkpoints, verify_checkpoint
 
     bundle = BrainBundle.open(name, bundle_dir)
@@ -52,4 +62,127 @@ def show_command(name: Annotated[str, typer.Argument(help="Bundle name or direct
     info = {"path": str(bundle.root), "metadata": bundle.metadata(),
             "config": json.loads((bundle.root / "config.json").read_text()),
             "chunk_tracker_state": bundle.tracker(), "checkpoints": checkpoints}
-    typer.echo(json.dumps(info, indent=2))
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    for table in summary_tables(bundle.name, info):
+        console.print(table)
+
+
+@app.command("plot")
+def plot_command(name: BrainName, bundle_dir: BundleDir = DEFAULT_BUNDLE_DIR) -> None:
+    """Plot training loss, eval loss and ACT segments against step into <bundle>/training_curves.png."""
+    from aios.bundle import BrainBundle
+    from aios.bundle.plot import plot_training_curves
+
+    bundle = BrainBundle.open(name, bundle_dir)
+    typer.echo(str(plot_training_curves(bundle.root)))
+
+
+# ---- `brains show`: the tables ------------------------------------------------------------------------
+
+def summary_tables(name: str, info: dict) -> list[Table]:
+    """The tables `brains show` prints for the JSON object `brains show --json` prints."""
+    meta, config, tracker = (_mapping(info.get(key)) for key in ("metadata", "config", "chunk_tracker_state"))
+    last_eval = _mapping(meta.get("last_eval"))
+    datasets = _mapping(meta.get("datasets"))
+    brain = _fields_table(f"brain {name}", [
+        ("name", _text(meta.get("name"))),
+        ("path", _text(info.get("path"))),
+        ("steps", _count(meta.get("steps"))),
+        ("sample tokens seen", _count(meta.get("sample_tokens_seen"))),  # data
+        # compute (rows x tokens per step); bundles from before the split called it tokens_seen
+        ("segment tokens seen", _count(meta.get("segment_tokens_seen", meta.get("tokens_seen")))),
+        ("parameters", _count(meta.get("parameters"))),
+        ("eval loss", _eval_loss(last_eval)),
+        ("eval perplexity", _number(last_eval.get("perplexity"), ".1f")),
+        ("eval token accuracy", _number(last_eval.get("token_accuracy"), ".3f")),
+        ("created", _text(meta.get("created"))),
+        ("updated", _text(meta.get("updated"))),
+        ("tokenizer", _source(meta.get("tokenizer"), "name")),
+        ("train data", _source(datasets.get("train"), "source")),
+        ("eval data", _source(datasets.get("eval"), "source")),
+    ])
+    model = _fields_table("model", [
+        ("hidden size D", _text(config.get("hidden_size"))),
+        ("heads", _text(config.get("num_heads"))),
+        ("layers H / L", _pair(config.get("H_layers"), config.get("L_layers"))),
+        ("cycles H / L", _pair(config.get("H_cycles"), config.get("L_cycles"))),
+        ("M (halt max steps)", _text(config.get("halt_max_steps"))),
+        ("sequence length", _text(config.get("seq_len"))),
+        ("vocabulary", _count(config.get("vocab_size"))),
+        ("loss", _text(config.get("loss_type"))),
+        ("MoE", _moe(config)),
+    ])
+    progress = _fields_table("data progress", [
+        ("epoch", _text(tracker.get("epoch"))),
+        ("chunks completed", _of(tracker.get("chunks_completed"), tracker.get("total_chunks"))),
+        ("sequences consumed", _of(tracker.get("sequences_consumed"), tracker.get("total_train_sequences"))),
+        ("updated", _text(tracker.get("updated"))),
+    ])
+    checkpoints = Table("checkpoint", "status", title="checkpoints", title_justify="left")
+    for checkpoint in info.get("checkpoints") or []:
+        checkpoints.add_row(checkpoint["name"], checkpoint["status"])
+    if not checkpoints.row_count:
+        checkpoints.add_row(MISSING, "none")
+    return [brain, model, progress, checkpoints]
+
+
+def _fields_table(title: str, rows: list[tuple[str, str]]) -> Table:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column("field", style="bold", no_wrap=True)
+    table.add_column("value", overflow="fold")  # long paths wrap instead of being cut
+    for label, value in rows:
+        table.add_row(label, value)
+    return table
+
+
+def _mapping(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _text(value: Any) -> str:
+    return MISSING if value is None or value == "" else str(value)
+
+
+def _count(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else _text(value)
+
+
+def _number(value: Any, spec: str) -> str:
+    return format(value, spec) if _is_number(value) else MISSING
+
+
+def _pair(first: Any, second: Any) -> str:
+    return MISSING if first is None and second is None else f"{_text(first)} / {_text(second)}"
+
+
+def _of(done: Any, total: Any) -> str:
+    return MISSING if done is None else f"{_count(done)} of {_count(total)}"
+
+
+def _eval_loss(last_eval: dict) -> str:
+    loss = _number(last_eval.get("loss"), ".3f")
+    step = last_eval.get("step")
+    return f"{loss} (step {step:,})" if loss != MISSING and isinstance(step, int) else loss
+
+
+def _source(entry: Any, name_key: str) -> str:
+    """`name (fingerprint[:12])` of a tokenizer or dataset entry of metadata.json."""
+    entry = _mapping(entry)
+    name, fingerprint = entry.get(name_key), entry.get("fingerprint")
+    if name is None and fingerprint is None:
+        return MISSING
+    return f"{_text(name)} ({str(fingerprint)[:12] if fingerprint else MISSING})"
+
+
+def _moe(config: dict) -> str:
+    if "use_moe" not in config:
+        return MISSING
+    if not config["use_moe"]:
+        return "off"
+    return f"{_text(config.get('num_experts'))} experts, top-{_text(config.get('num_experts_per_tok'))}"

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from aios.cli.app import App
 from aios.data import (
     DEFAULT_CACHE_DIR,
     PreparedDataset,
@@ -19,11 +20,7 @@ from aios.data import (
 )
 from aios.tokenizers import load_tokenizer
 
-app = typer.Typer(
-    no_args_is_help=True,
-    help="Prepare text datasets (tokenise once, pack, shard by chunk) and inspect them.",
-    pretty_exceptions_enable=False,
-)
+app = App(no_args_is_help=True, help="Prepare text datasets (tokenise once, pack, shard by chunk) and inspect them.")
 console = Console()
 
 

@@ -15,12 +15,13 @@ from pydantic import ValidationError
 # typer ships its own click; its exception base class is how a parse error is recognised in-process.
 from typer._click.exceptions import ClickException
 
+from aios.cli.app import App
 from aios.cli.options import finite_number, typed_by_user, with_config_options
 from aios.config.training import TrainingConfig, error_field, format_validation_error, read_yaml_settings
 from aios.errors import AiosError
 from aios.paths import DEFAULT_BUNDLE_DIR, DEFAULT_DATA_CACHE_DIR
 
-app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode="rich")
+app = App(no_args_is_help=True)
 
 
 @app.callback()

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from aios import __version__
+from aios.cli.app import DEBUG_HELP, App, debug_enabled, set_debug
 from aios.errors import AiosError, Terminated
 
 # Nothing is ever downloaded at run time: tokenizers and models resolve from local files only.
@@ -19,15 +20,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 err_console = Console(stderr=True)
 
-app = typer.Typer(
+app = App(
     name="aios",
     help="Train Hierarchical Reasoning Models (HRM ACT v1) on text.",
     no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
 )
-
-_state = {"debug": False}
 
 
 def _version(value: bool) -> None:
@@ -38,10 +35,10 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP + " Also accepted after the subcommand."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
-    _state["debug"] = debug
+    set_debug(debug)  # a subcommand's own --debug, parsed after this, can still turn it on
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=err_console, show_path=False, show_time=False)])
 
@@ -52,7 +49,7 @@ def _register() -> None:
     app.add_typer(hrm_hf.app, name="hrm-hf", help="HRM models with Hugging Face tokenizers: train, generate, eval.")
     app.add_typer(tokenizer.app, name="tokenizer", help="Train, inspect and use tokenizers (offline).")
     app.add_typer(data.app, name="data", help="Prepare and inspect tokenized training data.")
-    app.add_typer(brains.app, name="brains", help="List and inspect brain bundles.")
+    app.add_typer(brains.app, name="brains", help="List, inspect and plot brain bundles.")
 
 
 _register()
@@ -60,10 +57,11 @@ _register()
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: user errors become one red line and a non-zero exit code."""
+    set_debug(False)
     try:
         app(args=argv, standalone_mode=True)
     except AiosError as exc:
-        if _state["debug"]:
+        if debug_enabled():
             raise
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return exc.exit_code
@@ -72,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                           highlight=False)
         return 0
     except KeyboardInterrupt:
-        if _state["debug"]:
+        if debug_enabled():
             raise
         err_console.print("[bold red]interrupted[/]", highlight=False)
         return 130

@@ -9,13 +9,10 @@ from typing import Annotated
 
 import typer
 
+from aios.cli.app import App
 from aios.tokenizers import load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer
 
-app = typer.Typer(
-    no_args_is_help=True,
-    help="Train, inspect and use tokenizers (offline).",
-    pretty_exceptions_enable=False,
-)
+app = App(no_args_is_help=True, help="Train, inspect and use tokenizers (offline).")
 
 ModelOption = Annotated[
     str,

@@ -190,8 +190,8 @@ class TrainingConfig(BaseModel):
     # ---- Storage / Bundle -----------------------------------------------------------------------------
     bundle_dir: str = setting(DEFAULT_BUNDLE_DIR, "Directory that holds brain bundles.", "Storage",
                               min_length=1)
-    brain_name: str = setting("default", "Bundle name: <bundle-dir>/<brain-name>/ (letters, digits, . _ -).",
-                              "Bundle")
+    brain_name: str = setting("default", "Bundle name: <bundle-dir>/<brain-name>/ (letters, digits, . _ -; "
+                              "not starting with . or -).", "Bundle")
 
     # ---- field checks ---------------------------------------------------------------------------------
     @field_validator("*", mode="before")
@@ -250,6 +250,11 @@ class TrainingConfig(BaseModel):
             raise _setting_error(f"--brain-name {value!r} is not a single directory name; {fix}")
         if value.startswith("-"):
             raise _setting_error(f"--brain-name {value!r} starts with '-'; {fix}")
+        from aios.paths import HIDDEN_PREFIX  # the names `aios brains list` skips
+
+        if value.startswith(HIDDEN_PREFIX):
+            raise _setting_error(f"--brain-name {value!r} starts with '{HIDDEN_PREFIX}', which would hide it from "
+                                 f"`aios brains list`; drop the leading '{HIDDEN_PREFIX}', e.g. --brain-name my-brain")
         if len(value) > _MAX_NAME_LENGTH:
             raise _setting_error(f"--brain-name is {len(value)} characters long; use at most {_MAX_NAME_LENGTH}")
         if not _SAFE_NAME.fullmatch(value):

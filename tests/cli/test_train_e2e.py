@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -60,10 +61,121 @@ def test_eval_prints_json_metrics(trained):
 def test_brains_list_and_show(trained):
     listing = aios("brains", "list", "--bundle-dir", trained["bundle_dir"]).stdout
     assert "e2e" in listing and "ok" in listing
-    shown = json.loads(aios("brains", "show", "e2e", "--bundle-dir", trained["bundle_dir"]).stdout)
+    shown = json.loads(aios("brains", "show", "e2e", "--bundle-dir", trained["bundle_dir"], "--json").stdout)
     assert shown["metadata"]["steps"] == 3
     assert shown["checkpoints"] == [{"name": "step-000003", "status": "complete"}]
     assert shown["config"]["model_type"] == "hrm_act_v1"
+
+
+def table_rows(text: str) -> dict[str, str]:
+    """label -> value of the two-column tables `brains show` prints (wrapped values joined)."""
+    rows: dict[str, str] = {}
+    label = None
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("│").split("│")]
+        if len(cells) != 2:
+            label = None
+            continue
+        if cells[0]:
+            label = cells[0]
+            rows.setdefault(label, cells[1])
+        elif label:
+            rows[label] += " " + cells[1]
+    return rows
+
+
+def test_brains_show_prints_a_summary_of_the_json(trained):
+    info = json.loads(aios("brains", "show", "e2e", "--bundle-dir", trained["bundle_dir"], "--json").stdout)
+    text = aios("brains", "show", "e2e", "--bundle-dir", trained["bundle_dir"]).stdout
+    rows, meta, config = table_rows(text), info["metadata"], info["config"]
+    assert rows["name"] == "e2e" and rows["path"] == info["path"]
+    assert rows["steps"] == "3" and rows["parameters"] == f"{meta['parameters']:,}"
+    assert rows["sample tokens seen"] == f"{meta['sample_tokens_seen']:,}"
+    assert rows["segment tokens seen"] == f"{meta['segment_tokens_seen']:,}"
+    assert rows["eval loss"] == f"{meta['last_eval']['loss']:.3f} (step 3)"
+    assert rows["eval perplexity"] == f"{meta['last_eval']['perplexity']:.1f}"
+    assert rows["tokenizer"] == f"{meta['tokenizer']['name']} ({meta['tokenizer']['fingerprint'][:12]})"
+    train, held_out = meta["datasets"]["train"], meta["datasets"]["eval"]
+    assert rows["train data"] == f"{train['source']} ({train['fingerprint'][:12]})"
+    assert rows["eval data"] == f"{held_out['source']} ({held_out['fingerprint'][:12]})"
+    assert (rows["hidden size D"], rows["heads"]) == ("32", "2")
+    assert rows["layers H / L"] == f"{config['H_layers']} / {config['L_layers']}"
+    assert rows["M (halt max steps)"] == str(config["halt_max_steps"]) and rows["MoE"] == "off"
+    tracker = info["chunk_tracker_state"]
+    assert rows["sequences consumed"] == f"{tracker['sequences_consumed']:,} of {tracker['total_train_sequences']:,}"
+    assert "step-000003" in text and "complete" in text
+
+
+def test_brains_show_of_an_older_bundle_shows_dashes_for_what_it_lacks(trained, tmp_path):
+    import shutil
+
+    old = tmp_path / "brains" / "old"
+    shutil.copytree(trained["bundle_dir"] / "e2e", old, ignore=shutil.ignore_patterns("checkpoints"))
+    (old / "metadata.json").write_text(json.dumps({"name": "old", "steps": 7, "last_eval": None, "tokens_seen": 448}))
+    (old / "chunk_tracker_state.json").unlink()
+    config = json.loads((old / "config.json").read_text())
+    del config["use_moe"], config["H_cycles"], config["L_cycles"]
+    (old / "config.json").write_text(json.dumps(config))
+    text = aios("brains", "show", "old", "--bundle-dir", tmp_path / "brains").stdout
+    rows = table_rows(text)
+    assert rows["steps"] == "7" and rows["segment tokens seen"] == "448"  # its older name
+    for label in ("parameters", "sample tokens seen", "eval loss", "eval perplexity", "created", "tokenizer",
+                  "train data", "MoE", "cycles H / L", "epoch", "sequences consumed"):
+        assert rows[label] == "-", label
+    assert re.search(r"│ -\s+│ none\s+│", text)  # no checkpoints
+
+
+def test_brains_plot_writes_the_curves_of_the_metrics_into_the_bundle(trained):
+    from aios.bundle.plot import read_training_curves
+
+    root = trained["bundle_dir"] / "e2e"
+    result = aios("brains", "plot", "e2e", "--bundle-dir", trained["bundle_dir"])
+    assert result.stdout.strip() == str(root / "training_curves.png")
+    data = (root / "training_curves.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    records = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["event"] == "step"]
+    curves = read_training_curves(root / "metrics.jsonl")
+    assert curves.train_steps == [1, 2, 3] and curves.train_loss == [r["loss"] for r in steps]
+    assert curves.eval_steps == [3] and curves.eval_loss == [r["loss"] for r in records if r["event"] == "eval"]
+    assert curves.segments == [r["segments"] for r in steps if r["segments"] is not None]
+
+
+def test_brains_plot_without_metrics_is_one_line_naming_the_fix(trained, tmp_path):
+    import shutil
+
+    shutil.copytree(trained["bundle_dir"] / "e2e", tmp_path / "brains" / "bare",
+                    ignore=shutil.ignore_patterns("checkpoints", "metrics.jsonl"))
+    result = aios("brains", "plot", "bare", "--bundle-dir", tmp_path / "brains", check=False)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    assert "no metrics.jsonl in" in result.stderr and "aios hrm-hf train-actv1 --brain-name bare" in result.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ["hrm-hf", "train-actv1", *TINY, "--hidden-size", "33"],
+    ["brains", "show", "no-such-brain"],
+])
+def test_debug_after_the_subcommand_shows_the_traceback(tmp_path, args):
+    where = ["--bundle-dir", tmp_path]
+    plain = aios(*args, *where, check=False)
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr
+    for debug_args in ([*args, *where, "--debug"], ["--debug", *args, *where]):
+        debug = aios(*debug_args, check=False)
+        assert debug.returncode != 0
+        assert "Traceback" in debug.stderr and "aios.errors.AiosError" in debug.stderr, debug.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_brain_name_starting_with_a_dot_is_refused_by_every_brains_command(trained, tmp_path):
+    import shutil
+
+    shutil.copytree(trained["bundle_dir"] / "e2e", tmp_path / ".hidden")  # e.g. made before names were checked
+    assert "no brain bundles" in aios("brains", "list", "--bundle-dir", tmp_path).stdout
+    for args in (["brains", "show", ".hidden"], ["hrm-hf", "generate", "--brain", ".hidden"]):
+        result = aios(*args, "--bundle-dir", tmp_path, check=False)
+        assert result.returncode == 2 and "'.hidden' is not a brain name" in result.stderr, result.stderr
+    by_path = aios("brains", "show", tmp_path / ".hidden", "--json")  # its path still opens it
+    assert json.loads(by_path.stdout)["metadata"]["steps"] == 3
 
 
 def test_sigterm_finishes_the_step_checkpoints_and_exits_zero(tmp_path):
@@ -90,6 +202,7 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_zero(tmp_path):
     (["--dataset-file", "no/such.txt"], "--dataset-file: file 'no/such.txt' does not exist"),
     (["--hidden-size", "33"], "--hidden-size: 33 is not divisible by --num-heads 2"),
     (["--brain-name", "../escape"], "--brain-name '../escape' is not a single directory name"),
+    (["--brain-name", ".hidden"], "--brain-name '.hidden' starts with '.', which would hide it from `aios brains list`"),
     (["--ddp"], "--ddp is not available yet"),
     (["--lr", "inf"], "--lr must be a finite number, got inf"),
     (["--weight-decay", "nan"], "--weight-decay must be a finite number, got nan"),

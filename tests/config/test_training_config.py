@@ -104,6 +104,9 @@ REFUSALS = [
     ({"brain_name": ""}, "--brain-name is empty; use letters, digits, '.', '_' and '-', e.g. --brain-name my-brain"),
     ({"brain_name": "-rf"},
      "--brain-name '-rf' starts with '-'; use letters, digits, '.', '_' and '-', e.g. --brain-name my-brain"),
+    ({"brain_name": ".hidden"},  # `aios brains list` skips hidden directories: it would never be listed
+     "--brain-name '.hidden' starts with '.', which would hide it from `aios brains list`; drop the leading '.', "
+     "e.g. --brain-name my-brain"),
     ({"brain_name": "my brain"},
      "--brain-name 'my brain' has characters that are not allowed; use letters, digits, '.', '_' and '-', "
      "e.g. --brain-name my-brain"),
@@ -144,6 +147,7 @@ def test_accepted_edge_values():
     assert config.hidden_size // config.num_heads == 32
     # an odd head size is fine without rope
     assert TrainingConfig(hidden_size=24, num_heads=8, pos_encodings="learned").hidden_size == 24
+    assert TrainingConfig(brain_name="v1.2-brain.").brain_name == "v1.2-brain."  # '.' is refused only first
 
 
 def test_path_checks_accept_files_directories_and_matching_globs(tmp_path):
