@@ -1,7 +1,7 @@
 """Training curves of a brain bundle: `metrics.jsonl` -> `training_curves.png`.
 
-Two panels over the optimizer step: the training loss of every step with the eval loss of every
-evaluation, and the mean ACT segments of the samples that halted at each step (with M, the most a
+Two panels over the optimizer step: the training token loss (`lm_loss`) of every step with the eval loss
+of every evaluation (the same quantity), and the mean ACT segments of the samples that halted at each step (with M, the most a
 sample can take). A step logged twice, by an attempt that crashed after its last checkpoint and the
 attempt that resumed from it (logs from before MetricsLog trimmed them on resume), is one point: the
 last record of each (event, step) counts.
@@ -60,7 +60,11 @@ def read_training_curves(metrics_path: str | Path) -> TrainingCurves:
         log.warning("%s: skipped %d line(s) that are not JSON", path, unreadable)
     curves = TrainingCurves()
     for (event, step), record in sorted(last.items(), key=lambda item: (item[0][1], item[0][0])):
-        loss, segments = _number(record.get("loss")), _number(record.get("segments"))
+        # Training: the token cross-entropy (lm_loss), the same quantity as the eval loss; logs from before
+        # lm_loss was recorded have only the total loss.
+        train_loss = record.get("lm_loss", record.get("loss")) if record.get("loss") is not None else None
+        loss = _number(record.get("loss") if event == "eval" else train_loss)
+        segments = _number(record.get("segments"))
         if event == "eval":
             if loss is not None:
                 curves.eval_steps.append(step)
@@ -99,7 +103,7 @@ def draw_training_curves(curves: TrainingCurves, *, title: str, max_segments: in
     loss_axes, segment_axes = figure.subplots(2, 1, sharex=True, height_ratios=(3, 2))
     figure.suptitle(title)
 
-    train_label = "train loss (token cross-entropy + Q-head terms)"
+    train_label = "train loss (token cross-entropy of each step's segment)"
     if curves.nonfinite_steps:
         train_label += f"; {len(curves.nonfinite_steps)} non-finite step(s) not shown"
     loss_axes.plot(curves.train_steps, curves.train_loss, color="tab:blue", linewidth=1, label=train_label)
@@ -129,13 +133,14 @@ def _legend_above(axes) -> None:
                 borderaxespad=0.2)
 
 
-def plot_training_curves(bundle_root: Path) -> Path:
-    """Write `<bundle_root>/training_curves.png` from its metrics.jsonl and return the PNG's path.
+def plot_training_curves(bundle_root: Path, metrics_path: Path | None = None) -> Path:
+    """Write `<bundle_root>/training_curves.png` from its metrics.jsonl (or `metrics_path`, a run's
+    --log-file) and return the PNG's path.
 
-    The PNG is replaced atomically. Raises AiosError when the bundle has no metrics or no steps yet.
+    The PNG is replaced atomically. Raises AiosError when there are no metrics or no steps yet.
     """
     bundle_root = Path(bundle_root)
-    curves = read_training_curves(bundle_root / METRICS)
+    curves = read_training_curves(metrics_path or bundle_root / METRICS)
     figure = draw_training_curves(curves, title=f"{bundle_root.name}: training curves",
                                   max_segments=_halt_max_steps(bundle_root))
     target = bundle_root / PLOT_NAME

@@ -98,6 +98,8 @@ def train_actv1(ctx: typer.Context, config: str | None, print_config: bool, **fl
                     f"token accuracy {ev['token_accuracy']:.3f}; unigram entropy of the data "
                     f"{result.unigram_entropy:.3f}")
     typer.echo(summary)
+    if result.plot:
+        typer.echo(f"training curves: {result.plot}")
     return None
 
 

@@ -39,7 +39,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from aios.errors import AiosError
-from aios.paths import DEFAULT_BUNDLE_DIR, DEFAULT_DATA_CACHE_DIR
+from aios.paths import DEFAULT_BUNDLE_DIR, DEFAULT_DATA_CACHE_DIR, HIDDEN_PREFIX  # HIDDEN: not listed
 
 # The `--help` panels, in the order they are shown (and the order of fields in the class).
 GROUPS = ("Data", "Model", "Training", "Memory", "Distributed", "Storage", "Bundle")
@@ -250,8 +250,6 @@ class TrainingConfig(BaseModel):
             raise _setting_error(f"--brain-name {value!r} is not a single directory name; {fix}")
         if value.startswith("-"):
             raise _setting_error(f"--brain-name {value!r} starts with '-'; {fix}")
-        from aios.paths import HIDDEN_PREFIX  # the names `aios brains list` skips
-
         if value.startswith(HIDDEN_PREFIX):
             raise _setting_error(f"--brain-name {value!r} starts with '{HIDDEN_PREFIX}', which would hide it from "
                                  f"`aios brains list`; drop the leading '{HIDDEN_PREFIX}', e.g. --brain-name my-brain")

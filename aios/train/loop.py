@@ -79,6 +79,7 @@ class TrainResult:
     bundle: Path
     unigram_entropy: float | None = None
     trained_steps: int = 0  # optimizer steps of this attempt
+    plot: Path | None = None  # training_curves.png, drawn at the end of an attempt that trained
 
 
 @dataclass
@@ -573,18 +574,34 @@ class Trainer:
                         saved_at = self.step
             if reason == "stop":
                 self.log.write({"event": "stop", "step": self.step, "reason": self.session.stop_reason()})
+            plot = None
             if self.step > start:  # an attempt that trained nothing leaves the bundle as it was
                 if evaluated_at != self.step:
                     self.evaluate()
                 if saved_at != self.step:
                     self.save(last)
+                plot = self._plot()
             self.log.write({"event": "end", "step": self.step, "reason": reason, "eval": self.last_eval,
                             "sample_tokens_seen": self.counters.sample_tokens_seen,
                             "segment_tokens_seen": self.counters.segment_tokens_seen})
         finally:
             self.log.close()
         return TrainResult(step=self.step, reason=reason, final_eval=self.last_eval, bundle=self.bundle.root,
-                           unigram_entropy=self.unigram_entropy, trained_steps=self.step - start)
+                           unigram_entropy=self.unigram_entropy, trained_steps=self.step - start, plot=plot)
+
+    def _plot(self) -> Path | None:
+        """training_curves.png in the bundle; a plot that cannot be drawn is worth a warning, not the run."""
+        if not isinstance(self.log, MetricsLog):
+            return None
+        from aios.bundle.plot import plot_training_curves
+
+        self.log.file.flush()
+        try:
+            return plot_training_curves(self.bundle.root, metrics_path=self.log.path)
+        except Exception as exc:  # noqa: BLE001 - the weights and checkpoints are saved; the picture is extra
+            log.warning("could not draw the training curves (%s: %s); `aios brains plot %s` tries again",
+                        type(exc).__name__, exc, self.bundle.name)
+            return None
 
 
 def _check_carries(carries: list[ACTCarry], micro_batch: int, grad_accum: int, like: ACTCarry) -> None:

@@ -87,3 +87,13 @@ def test_metrics_without_steps_are_a_user_error(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"event": "start", "step": 0}) + "\n")
     with pytest.raises(AiosError, match="no training steps yet"):
         plot_training_curves(tmp_path)
+
+
+def test_the_train_curve_is_the_token_loss_the_eval_loss_compares_with(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("\n".join(json.dumps(r) for r in [
+        {"event": "step", "step": 1, "loss": 7.5, "lm_loss": 7.0, "segments": 1.0},
+        {"event": "step", "step": 2, "loss": None, "lm_loss": None, "segments": None},
+        {"event": "eval", "step": 2, "loss": 6.9}]) + "\n")
+    curves = read_training_curves(metrics)
+    assert (curves.train_steps, curves.train_loss, curves.nonfinite_steps) == ([1], [7.0], [2])

@@ -38,6 +38,7 @@ def trained(tmp_path_factory) -> dict:
 
 def test_train_prints_a_summary_and_writes_the_bundle(trained):
     assert "steps: 3 steps" in trained["stdout"] and "eval loss" in trained["stdout"]
+    assert f"training curves: {trained['bundle_dir'] / 'e2e' / 'training_curves.png'}" in trained["stdout"]
     root = trained["bundle_dir"] / "e2e"
     assert (root / "model.safetensors").is_file() and (root / "checkpoints" / "step-000003" / "COMPLETE").is_file()
 
@@ -136,7 +137,7 @@ def test_brains_plot_writes_the_curves_of_the_metrics_into_the_bundle(trained):
     records = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if r["event"] == "step"]
     curves = read_training_curves(root / "metrics.jsonl")
-    assert curves.train_steps == [1, 2, 3] and curves.train_loss == [r["loss"] for r in steps]
+    assert curves.train_steps == [1, 2, 3] and curves.train_loss == [r["lm_loss"] for r in steps]
     assert curves.eval_steps == [3] and curves.eval_loss == [r["loss"] for r in records if r["event"] == "eval"]
     assert curves.segments == [r["segments"] for r in steps if r["segments"] is not None]
 

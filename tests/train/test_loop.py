@@ -53,6 +53,8 @@ def test_a_run_writes_a_complete_bundle_and_metrics(make_config):
         assert (root / name).is_file(), name
     assert [p.name for p in list_checkpoints(root / "checkpoints")] == ["step-000006"]
     assert verify_checkpoint(root / "checkpoints" / "step-000006") is None
+    assert result.plot == root / "training_curves.png"  # drawn at the end of the run
+    assert result.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     steps = records(root / "metrics.jsonl", "step")
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
