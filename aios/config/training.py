@@ -212,7 +212,11 @@ class TrainingConfig(BaseModel):
                     raise _setting_error(f"{flag} must be a number, got {value!r}; pass e.g. {flag}=0.5") from None
             if isinstance(number, bool) or not isinstance(number, (int, float)):
                 raise _setting_error(f"{flag} must be a number, got {value!r}; pass e.g. {flag}=0.5")
-            if not math.isfinite(number):
+            try:
+                finite = math.isfinite(number)
+            except OverflowError:  # an integer beyond any float
+                finite = False
+            if not finite:
                 raise _setting_error(f"{flag} must be a finite number, got {value!r}; pass e.g. {flag}=0.5")
             return number
         if "int" in kinds and (isinstance(value, bool) or not isinstance(value, int)):

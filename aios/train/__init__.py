@@ -12,6 +12,7 @@ from pathlib import Path
 
 from aios.config import TrainingConfig
 from aios.errors import AiosError
+from aios.train.metrics import metrics_log_of
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,7 @@ def launch(config: TrainingConfig, callbacks=None):
                 result = Trainer(config, session, callbacks).run()
             finally:
                 session.close()
-            if result.reason == "stop":
-                session.consume_stop_file()
+                session.consume_stop_file()  # one that appeared during the run, whether or not it stopped it
     finally:
         _remove_if_empty(created)  # a run refused before it wrote anything leaves no trace
     return result
@@ -101,6 +101,9 @@ def _check_output_paths(config: TrainingConfig, bundle_root: Path, *, resuming: 
         if log_file.exists() and not resuming:
             raise AiosError(f"--log-file {log_file} already exists: pass a new file (a --resume of this brain "
                             f"continues its own log)")
+        if log_file.exists() and not metrics_log_of(log_file, config.brain_name):
+            raise AiosError(f"--log-file {log_file} is not a metrics log of brain '{config.brain_name}' (its first "
+                            f"record is not this brain's start record): pass this brain's log or a new file")
         if log_file.exists() and not os.access(log_file, os.W_OK):
             raise AiosError(f"--log-file {log_file}: no permission to write it; pass a file you can write")
     created: list[Path] = []

@@ -50,7 +50,12 @@ _LEFTOVER_PREFIXES = (STAGING_PREFIX, ".replaced-")  # what killed runs (of this
 
 
 class CheckpointUnusable(Exception):
-    """A sealed checkpoint whose content cannot be used (unreadable file, bad values): like corruption."""
+    """A sealed checkpoint whose content cannot be used (unparsable file, bad values): like corruption."""
+
+
+class CheckpointUnreadable(AiosError):
+    """A checkpoint this process may not read (permissions, an I/O error): the machine's problem, not the
+    checkpoint's, so it is never set aside; the resume is refused with the reason."""
 
 
 def step_dir_name(step: int) -> str:
@@ -60,8 +65,10 @@ def step_dir_name(step: int) -> str:
 # -- RNG state --------------------------------------------------------------------------------------
 
 
-def capture_rng_state() -> dict:
-    """RNG states as tensors and plain types, loadable with torch.load(weights_only=True)."""
+def capture_rng_state(device: torch.device) -> dict:
+    """RNG states as tensors and plain types, loadable with torch.load(weights_only=True): torch's CPU
+    generator, numpy's, python's, and the generator of the CUDA device this rank trains on (only that one:
+    a resume may see another number of GPUs; a CPU run never touches CUDA)."""
     np_state = np.random.get_state()
     py_state = random.getstate()
     state = {
@@ -69,26 +76,26 @@ def capture_rng_state() -> dict:
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
         "python": [py_state[0], list(py_state[1]), py_state[2]],
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def restore_rng_state(state: dict) -> None:
+def restore_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 # -- write ------------------------------------------------------------------------------------------
 
 
 def write_checkpoint_files(directory: Path, *, rank: int, model: torch.nn.Module | None, optimizer_state: dict | None,
-                           carries: list[ACTCarry], sampler_state: dict, state: dict | None) -> None:
+                           rng_state: dict, carries: list[ACTCarry], sampler_state: dict, state: dict | None) -> None:
     """Write this rank's files into `directory` (rank 0 also writes the shared ones), flushed to disk."""
     directory.mkdir(parents=True, exist_ok=True)
     if model is not None:
@@ -97,7 +104,7 @@ def write_checkpoint_files(directory: Path, *, rank: int, model: torch.nn.Module
         save_file(weights, directory / "model.safetensors")
     if optimizer_state is not None:
         torch.save(optimizer_state, directory / "optimizer.pt")
-    torch.save(capture_rng_state(), directory / f"rng-rank{rank}.pt")
+    torch.save(rng_state, directory / f"rng-rank{rank}.pt")
     flat = {}
     for i, carry in enumerate(carries):
         flat.update({f"{i}.{k}": v.cpu() for k, v in carry.state_dict().items()})
@@ -161,9 +168,20 @@ def set_aside(directory: Path, reason: str) -> Path:
 
 def prune_checkpoints(checkpoints_dir: Path, keep: int) -> None:
     """Delete intact checkpoints beyond the newest `keep` intact ones; invalid ones and links are never deleted."""
-    intact = [p for p in list_checkpoints(checkpoints_dir) if verify_checkpoint(p) is None]
+    intact = [p for p in list_checkpoints(checkpoints_dir) if _verified_intact(p)]
     for old in intact[:-keep]:
-        shutil.rmtree(old)
+        # Out of the step-N namespace first: a deletion cut short leaves a leftover (removed at the next
+        # start), never a half-deleted step-N.
+        doomed = old.with_name(f".replaced-{old.name}-{int(time.time())}")
+        old.rename(doomed)
+        shutil.rmtree(doomed)
+
+
+def _verified_intact(directory: Path) -> bool:
+    try:
+        return verify_checkpoint(directory) is None
+    except CheckpointUnreadable:  # unreadable here: certainly not ours to delete
+        return False
 
 
 def remove_leftovers(checkpoints_dir: Path) -> int:
@@ -223,22 +241,27 @@ def verify_checkpoint(directory: Path) -> str | None:
 
 def _verify_files(directory: Path, marker: Path) -> str | None:
     try:
-        files = json.loads(marker.read_text())["files"]
-        for name, expected in files.items():
+        try:
+            files = json.loads(marker.read_text())["files"]
+            checks = [(name, int(expected["bytes"]), str(expected["sha256"])) for name, expected in files.items()]
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            return f"unparsable COMPLETE marker ({type(exc).__name__}: {exc})"
+        for name, size, digest in checks:
             path = directory / name
             if not path.is_file():
                 return f"{name} is missing"
-            if path.stat().st_size != expected["bytes"] or sha256_file(path) != expected["sha256"]:
+            if path.stat().st_size != size or sha256_file(path) != digest:
                 return f"{name} does not match its recorded sha256"
-    except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
-        return f"unreadable COMPLETE marker ({type(exc).__name__}: {exc})"
+    except OSError as exc:  # permissions, I/O errors: nothing is known about the checkpoint itself
+        raise CheckpointUnreadable(f"cannot read checkpoint {directory} ({type(exc).__name__}: {exc}): fix its "
+                                   f"permissions or the storage, then resume") from None
     return None
 
 
 def newest_intact_checkpoint(checkpoints_dir: Path) -> Path | None:
     """The newest checkpoint that passes its hash check; changes nothing (see the session for fallbacks)."""
     for candidate in reversed(list_checkpoints(checkpoints_dir)):
-        if verify_checkpoint(candidate) is None:
+        if _verified_intact(candidate):
             return candidate
     return None
 

@@ -238,8 +238,13 @@ class Trainer:
         self._check_identity(directory, saved.state)
         try:
             self._apply_checkpoint(saved)
-        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
-            raise ckpt.CheckpointUnusable(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
+        except (MemoryError, torch.cuda.OutOfMemoryError):
+            raise  # the device is full: nothing is known about the checkpoint
+        except Exception as exc:  # noqa: BLE001 - content that does not fit is treated like corruption
+            if "cuda" in f"{type(exc).__name__} {exc}".lower():
+                raise  # a device error, not the checkpoint's
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            raise ckpt.CheckpointUnusable(f"{type(exc).__name__}: {reason}") from exc
         log.info("resumed from %s at step %d (micro-batch %d x %d)", directory, self.step, self.micro_batch,
                  self.grad_accum)
 
@@ -272,12 +277,15 @@ class Trainer:
                             f"(optimizer state does not convert)")
 
     def _apply_checkpoint(self, saved: ckpt.Checkpoint) -> None:
+        """Everything from `saved`, replacing all an earlier, failed attempt may have applied."""
         cfg, state = self.config, saved.state
         self.model.load_state_dict(saved.weights)
         self.optimizer.load_state_dict(saved.optimizer_state["optimizer"])
         set_hyperparameters(self.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)  # flags typed on resume
-        if self.scaler is not None and saved.optimizer_state.get("scaler"):
-            self.scaler.load_state_dict(saved.optimizer_state["scaler"])
+        if self.scaler is not None:
+            self.scaler = torch.amp.GradScaler(self.device.type)
+            if saved.optimizer_state.get("scaler"):
+                self.scaler.load_state_dict(saved.optimizer_state["scaler"])
         # The checkpoint's batch split, unless this run asks for a different one (same global batch): an OOM
         # back-off of the earlier run persists until then.
         self.micro_batch, self.grad_accum = state["micro_batch"], state["grad_accum"]
@@ -292,7 +300,9 @@ class Trainer:
         if asked != (state["config_micro_batch"], state["config_grad_accum"]) and asked != (self.micro_batch,
                                                                                             self.grad_accum):
             self._resplit(*asked)
-        ckpt.restore_rng_state(saved.rng)
+        if self.device.type == "cuda" and "cuda" not in saved.rng:  # a checkpoint of a CPU run
+            torch.cuda.manual_seed(cfg.seed + self.rank)
+        ckpt.restore_rng_state(saved.rng, self.device)
         self.counters = Counters(**{f.name: state[f.name] for f in dataclasses.fields(Counters)})
 
     # -- one optimizer step -----------------------------------------------------------------------------
@@ -303,18 +313,20 @@ class Trainer:
             try:
                 record = self._step()
             except torch.cuda.OutOfMemoryError:
-                self._roll_back(point)
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                self._back_off()
-                point = self._save_point()
-                continue
-            if record is None:  # the data ran out part-way through the step: it never happened
-                self._roll_back(point)
-            return record
+                pass  # handled below the handler, once the failed step's frames (and their tensors) are freed
+            else:
+                if record is None:  # the data ran out part-way through the step: it never happened
+                    self._roll_back(point)
+                return record
+            self._roll_back(point)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self._back_off()
+            point = self._save_point()
 
     def _save_point(self) -> _SavePoint:
-        return _SavePoint(self.sampler.state_dict(), list(self.carries), list(self.halted), ckpt.capture_rng_state())
+        return _SavePoint(self.sampler.state_dict(), list(self.carries), list(self.halted),
+                          ckpt.capture_rng_state(self.device))
 
     def _roll_back(self, point: _SavePoint) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -325,16 +337,16 @@ class Trainer:
             self.scaler = scaler
         self.sampler.load_state_dict(point.sampler)
         self.carries, self.halted = list(point.carries), list(point.halted)
-        ckpt.restore_rng_state(point.rng)
+        ckpt.restore_rng_state(point.rng, self.device)
 
     def _back_off(self) -> None:
+        """The next smaller micro-batch that divides this one (half, for an even one), the accumulation
+        raised to keep the global batch: 12 -> 6 -> 3 -> 1."""
         if self.micro_batch == 1:
             raise AiosError("out of memory at micro-batch 1: lower --max-seq-len or --hidden-size, or "
                             "enable --gradient-checkpointing and --amp") from None
-        if self.micro_batch % 2:
-            raise AiosError(f"out of memory at micro-batch {self.micro_batch}: it is odd, so it cannot be "
-                            f"halved keeping the global batch; use an even or smaller --batch-size") from None
-        self._resplit(self.micro_batch // 2, self.grad_accum * 2)
+        factor = next(f for f in range(2, self.micro_batch + 1) if self.micro_batch % f == 0)  # smallest prime
+        self._resplit(self.micro_batch // factor, self.grad_accum * factor)
         log.warning("out of memory at step %d: retrying with micro-batch %d x %d accumulation steps "
                     "(same global batch and sample order)", self.step + 1, self.micro_batch, self.grad_accum)
 
@@ -423,22 +435,22 @@ class Trainer:
             self.optimizer.step()
 
     def _commit(self, carries: list[ACTCarry], drawn: int, nonfinite: bool) -> None:
+        """Keep the step. What can still fail (an allocation) comes first; then the counters move."""
+        if nonfinite:  # the rows' state may be poisoned: start them on fresh samples
+            carries = [dataclasses.replace(carry, halted=torch.ones_like(carry.halted)) for carry in carries]
         self.transaction.commit()
         counters = self.counters
         counters.step += 1
         counters.samples_drawn += drawn
         counters.sample_tokens_seen += drawn * self.config.max_seq_len
         counters.segment_tokens_seen += self.global_batch * self.config.max_seq_len
+        self._set_carries(carries)
         if not nonfinite:
             counters.nonfinite_in_a_row = 0
-            self._set_carries(carries)
             return
         self.optimizer.zero_grad(set_to_none=True)
         counters.nonfinite_in_a_row += 1
         counters.nonfinite_total += 1
-        for carry in carries:  # the rows' state may be poisoned: start them on fresh samples
-            carry.halted = torch.ones_like(carry.halted)
-        self._set_carries(carries)
         log.warning("non-finite loss or gradient at step %d: step skipped (%d in a row)", counters.step,
                     counters.nonfinite_in_a_row)
         if counters.nonfinite_in_a_row >= MAX_NONFINITE_STEPS:
@@ -470,12 +482,13 @@ class Trainer:
 
     # -- evaluation, checkpoints, bundle ------------------------------------------------------------------
     def eval_batches(self):
-        """--eval-batches batches of the eval file (all of it is held out) or of the training data's tail."""
-        size, limit = self.config.batch_size, self.config.eval_batches
-        if self.eval_dataset is self.dataset:
-            yield from self.dataset.holdout_batches(size, limit)
-            return
-        yield from self.eval_dataset.sequential_batches(size, limit)
+        """The first --eval-batches x --batch-size sequences of the eval file (all of it is held out) or of the
+        training data's tail, in batches of at most the micro-batch (smaller after an OOM back-off: the same
+        sequences, so the same evaluation)."""
+        data = self.eval_dataset
+        start = data.num_train if data is self.dataset else 0
+        stop = min(start + self.config.eval_batches * self.config.batch_size, data.num_sequences)
+        yield from data.sequential_batches(min(self.config.batch_size, self.micro_batch), start=start, stop=stop)
 
     def evaluate(self) -> dict:
         result = evaluate_lm(self.model, self.eval_batches(), self.device, self.amp_dtype)
@@ -510,7 +523,8 @@ class Trainer:
                      "config_hash": self.config.config_hash(), "model_config": self.model.config.to_dict(),
                      "dataset_fingerprint": self.dataset.fingerprint, "epoch": int(self.sampler.epochs.min())}
         ckpt.write_checkpoint_files(staged, rank=self.rank, model=self.model if self.is_main else None,
-                                    optimizer_state=optimizer_state, carries=self.carries,
+                                    optimizer_state=optimizer_state, rng_state=ckpt.capture_rng_state(self.device),
+                                    carries=self.carries,
                                     sampler_state=self.sampler.state_dict(), state=state)
         if self.is_main:
             ckpt.seal_checkpoint(staged)
@@ -540,18 +554,19 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg = self.config
         start = self.step
+        self.session.enter_loop()  # from here a stop request is graceful (and recorded), not an interruption
         if self.is_main:
             self.log = MetricsLog(Path(cfg.log_file) if cfg.log_file else self.bundle.metrics_path,
                                   resume_step=start)
         self.console = Console(cfg.progress and self.is_main, total=cfg.steps, start=start)
-        self.log.write({"event": "start", "step": start, "resumed_from": str(self.restored_from or ""),
+        self.log.write({"event": "start", "step": start, "brain": cfg.brain_name,
+                        "resumed_from": str(self.restored_from or ""),
                         "parameters": self.model.num_parameters(), "device": str(self.device),
                         "autocast": dtype_name(self.amp_dtype), "unigram_entropy": self.unigram_entropy,
                         "global_batch": self.global_batch, "train_sequences": self.dataset.num_train,
                         "eval_sequences": (self.dataset.num_holdout if self.eval_dataset is self.dataset
                                            else self.eval_dataset.num_sequences)})
         reason, last, saved_at, evaluated_at = "steps", None, None, None
-        self.session.enter_loop()
         try:
             with self.console:
                 while self.step < cfg.steps:
@@ -608,9 +623,12 @@ def _check_carries(carries: list[ACTCarry], micro_batch: int, grad_accum: int, l
     """A checkpoint's carries must have the layout its state.json claims and this model's shapes."""
     if len(carries) != grad_accum:
         raise ValueError(f"{len(carries)} carries for {grad_accum} micro-steps")
+    expected_state = like.state_dict()
     for carry in carries:
+        if carry.state_dict().keys() != expected_state.keys():
+            raise ValueError(f"a carry holds {sorted(carry.state_dict())}, not {sorted(expected_state)}")
         for name, value in carry.state_dict().items():
-            expected = like.state_dict()[name]
+            expected = expected_state[name]
             if value.shape[1:] != expected.shape[1:] or value.shape[0] != micro_batch or value.dtype != expected.dtype:
                 raise ValueError(f"carry {name} has shape {tuple(value.shape)} {value.dtype}")
 

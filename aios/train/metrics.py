@@ -57,6 +57,17 @@ class MetricsLog:
         self.file.close()
 
 
+def metrics_log_of(path: Path, brain_name: str) -> bool:
+    """Whether `path` is a metrics log a run of `brain_name` wrote: its first record is that brain's start
+    record. (Only such a file is ever rewritten on resume.)"""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = json.loads(f.readline())
+    except (OSError, ValueError):
+        return False
+    return isinstance(first, dict) and first.get("event") == "start" and first.get("brain") == brain_name
+
+
 class NullLog:
     """The metrics log of ranks other than 0."""
 

@@ -106,11 +106,20 @@ def optimizer_kind_hint(kind: str) -> str:
             "adam-atan2": "--optimizer adam-atan2"}.get(kind, f"the optimizer {kind}")
 
 
+# How an optimizer computes, not what it computes: load_state_dict copies them from the saved groups, but
+# they belong to this process (a host without fused kernels must not be told to use them).
+_IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
+
+
 def set_hyperparameters(optimizer: Optimizer, *, lr: float, weight_decay: float) -> None:
-    """This run's learning rate and weight decay, also over those a loaded optimizer state brought along."""
+    """This run's learning rate and weight decay, and its own kernel choices, over those a loaded optimizer
+    state brought along."""
     for group in optimizer.param_groups:
         group["lr"] = lr
         group["weight_decay"] = weight_decay
+        for key in _IMPLEMENTATION_KEYS:
+            if key in optimizer.defaults:
+                group[key] = optimizer.defaults[key]
 
 
 # -- the schedule -----------------------------------------------------------------------------------------
@@ -179,16 +188,19 @@ class OptimizerTransaction:
         self._snapshot: tuple[list[torch.Tensor], dict] | None = None
 
     def begin(self) -> None:
-        self.open = True
+        self.open = False  # until all is saved: an error in here must not roll back to an older begin
         state = self.optimizer.state
-        self._had_state = {id(p) for p in self.params if state.get(p)}
-        self._steps = {id(p): state[p]["step"].clone() for p in self.params
-                       if state.get(p) and isinstance(state[p].get("step"), torch.Tensor)}
+        had_state = {id(p) for p in self.params if state.get(p)}
+        steps = {id(p): state[p]["step"].clone() for p in self.params
+                 if state.get(p) and isinstance(state[p].get("step"), torch.Tensor)}
+        snapshot = None
         if not self.atomic:
             weights = [p.detach().to("cpu", copy=True) for p in self.params]
             moments = {id(p): {k: v.to("cpu", copy=True) if isinstance(v, torch.Tensor) else v
                                for k, v in state[p].items()} for p in self.params if state.get(p)}
-            self._snapshot = (weights, moments)
+            snapshot = (weights, moments)
+        self._had_state, self._steps, self._snapshot = had_state, steps, snapshot
+        self.open = True
 
     def commit(self) -> None:
         """The step is kept: nothing to undo any more."""

@@ -118,6 +118,7 @@ REFUSALS = [
     ({"grad_clip": float("nan")}, "--grad-clip must be a finite number, got nan; pass e.g. --grad-clip=0.5"),
     ({"expansion": float("-inf")}, "--expansion must be a finite number, got -inf; pass e.g. --expansion=0.5"),
     ({"lr": "nan"}, "--lr must be a finite number, got 'nan'; pass e.g. --lr=0.5"),
+    ({"min_lr_ratio": 10**400}, f"--min-lr-ratio must be a finite number, got {10**400!r}; pass e.g. --min-lr-ratio=0.5"),
     ({"steps": True}, "--steps must be a whole number, got True; pass e.g. --steps=4"),
     ({"batch_size": 4.0}, "--batch-size must be a whole number, got 4.0; pass e.g. --batch-size=4"),
     ({"lr": False}, "--lr must be a number, got False; pass e.g. --lr=0.5"),

@@ -58,3 +58,36 @@ def test_optimizer_choice_and_loud_8bit_fallback(caplog):
     assert isinstance(built.optimizer, torch.optim.AdamW)
     assert built.kind == "adamw"  # what the state really is, so a resume can tell 8-bit state from full
     assert "--use-8bit-optimizer needs CUDA" in caplog.text
+
+
+def test_a_failed_begin_never_rolls_back_an_older_step(monkeypatch):
+    from aios.train.optim import OptimizerTransaction
+
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([p], lr=0.1, fused=True)
+    transaction = OptimizerTransaction(opt, [p])
+    for _ in range(2):
+        transaction.begin()
+        p.grad = torch.ones(3)
+        opt.step()
+        transaction.commit()
+    monkeypatch.setattr(torch.Tensor, "clone", lambda self: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError()))
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        transaction.begin()
+    monkeypatch.undo()
+    transaction.roll_back()  # what the loop does after an OOM: must not undo step 2
+    assert opt.state[p]["step"].item() == 2
+
+
+def test_loaded_state_does_not_choose_this_process_s_kernels():
+    from aios.train.optim import set_hyperparameters
+
+    p = torch.nn.Parameter(torch.ones(3))
+    fused = torch.optim.AdamW([p], lr=0.1, fused=True)
+    p.grad = torch.ones(3)
+    fused.step()
+    plain = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))], lr=0.1)  # a host without fused kernels
+    plain.load_state_dict(fused.state_dict())
+    assert plain.param_groups[0]["fused"] is True  # what load_state_dict does by itself
+    set_hyperparameters(plain, lr=0.1, weight_decay=0.1)
+    assert plain.param_groups[0]["fused"] == plain.defaults["fused"]

@@ -359,3 +359,136 @@ def test_each_step_is_logged_once_after_a_crash_past_the_last_checkpoint(make_co
     straight_losses = [r["loss"] for r in records(straight.bundle / "metrics.jsonl", "step")]
     assert [r["loss"] for r in records(log, "step")] == straight_losses
     assert_bitwise_equal(straight.bundle, resumed.bundle)
+
+
+# -- found in review: the machine's problems are not the checkpoint's, and each step commits once ---------
+
+def test_an_oom_while_loading_a_checkpoint_does_not_set_it_aside(make_config, monkeypatch):
+    config = make_config(steps=2)
+    first = launch(config)
+
+    def full(self, state):
+        raise OOM("CUDA out of memory (injected while loading the optimizer state)")
+
+    monkeypatch.setattr(torch.optim.Optimizer, "load_state_dict", full)
+    with pytest.raises(OOM):
+        launch(config.replace(steps=4, resume=True))
+    assert [p.name for p in (first.bundle / "checkpoints").iterdir()] == ["step-000002"]  # not moved aside
+
+
+def test_a_checkpoint_that_cannot_be_read_is_refused_not_set_aside(make_config, monkeypatch):
+    config = make_config(steps=2)
+    first = launch(config)
+    ckpt._verified.clear()
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(ckpt, "sha256_file", denied)
+    with pytest.raises(AiosError, match="cannot read checkpoint .*PermissionError.*fix its permissions"):
+        launch(config.replace(steps=4, resume=True))
+    assert [p.name for p in (first.bundle / "checkpoints").iterdir()] == ["step-000002"]
+
+
+def _rng_malformed(directory: Path) -> None:
+    rng = torch.load(directory / "rng-rank0.pt", weights_only=True)
+    rng["numpy"][1] = "not a tensor"
+    torch.save(rng, directory / "rng-rank0.pt")
+
+
+def test_a_malformed_rng_file_falls_back_like_corruption(make_config, caplog):
+    config = make_config(steps=4, checkpoint_every=2)
+    first = launch(config)
+    _rng_malformed(first.bundle / "checkpoints" / "step-000004")
+    _reseal(first.bundle / "checkpoints" / "step-000004")
+    with caplog.at_level(logging.WARNING):
+        second = launch(config.replace(steps=5, resume=True))
+    assert "cannot be loaded (AttributeError" in caplog.text
+    assert records(second.bundle / "metrics.jsonl", "start")[-1]["resumed_from"].endswith("step-000002")
+
+
+def test_an_oom_while_committing_a_skipped_step_retries_it_once(make_config):
+    from tests.train.faults import PoisonLogits
+
+    class OOMInCommit(PoisonLogits):
+        raised = 0
+
+        def at(self, trainer, point, micro_step):
+            super().at(trainer, point, micro_step)
+            if point == "optimizer_step" and trainer.step == 2 and not self.raised:
+                real = torch.ones_like
+
+                def failing(*args, **kwargs):
+                    torch.ones_like = real
+                    self.raised += 1
+                    raise OOM("CUDA out of memory (injected while resetting the poisoned rows)")
+
+                torch.ones_like = failing
+
+    inject = OOMInCommit({3})
+    result = launch(make_config(steps=5), callbacks=inject)
+    assert inject.raised == 1
+    steps = records(result.bundle / "metrics.jsonl", "step")
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5] and steps[2]["skipped"]
+    assert steps[-1]["nonfinite_total"] == 1
+
+
+def test_an_odd_micro_batch_backs_off_to_its_largest_divisor(make_config):
+    class OOMAbove(Recipe):
+        def at(self, trainer, point, micro_step):
+            if point == "forward" and trainer.step >= 1 and trainer.micro_batch > 1:
+                raise OOM("CUDA out of memory (injected)")
+
+    result = launch(make_config(steps=3, batch_size=6), callbacks=OOMAbove())
+    steps = records(result.bundle / "metrics.jsonl", "step")
+    assert [(r["micro_batch"], r["grad_accum"]) for r in steps] == [(6, 1), (1, 6), (1, 6)]  # 6 -> 3 -> 1
+
+
+def test_evaluation_after_a_back_off_reads_the_same_sequences(make_config):
+    import numpy as np
+
+    from aios.inference import evaluate_lm
+
+    class Keep(OOMAt):
+        def after_step(self, trainer, record):
+            self.trainer = trainer
+
+    inject = Keep(1, "forward", 0)
+    result = launch(make_config(), callbacks=inject)
+    trainer = inject.trainer
+    assert trainer.micro_batch == 2 and result.final_eval["sequences"] == 8  # --eval-batches 2 x --batch-size 4
+    chunks = list(trainer.eval_batches())
+    assert [len(c) for c in chunks] == [2, 2, 2, 2]  # at most the micro-batch that fits
+    whole = list(trainer.dataset.holdout_batches(4, 2))  # what an evaluation without the back-off reads
+    assert np.array_equal(np.concatenate(chunks), np.concatenate(whole))
+    again = evaluate_lm(trainer.model, whole, trainer.device, trainer.amp_dtype)
+    assert result.final_eval["loss"] == pytest.approx(again["loss"], rel=1e-6)
+
+
+def test_a_stop_file_that_appears_after_the_last_step_is_removed(make_config, tmp_path):
+    stop = tmp_path / "STOP"
+
+    class TouchAtTheEnd(TrainCallbacks):
+        def after_step(self, trainer, record):
+            if record["step"] == trainer.config.steps:
+                stop.touch()
+
+    result = launch(make_config(steps=2, stop_file=str(stop)), callbacks=TouchAtTheEnd())
+    assert result.reason == "steps" and not stop.exists()
+
+
+def test_a_resume_never_rewrites_a_log_file_of_another_brain(make_config, tmp_path):
+    own = tmp_path / "own.jsonl"
+    config = make_config(steps=2, log_file=str(own))
+    launch(config)
+    launch(config.replace(steps=3, resume=True))  # its own log: continued
+    assert [json.loads(line)["event"] for line in own.read_text().splitlines()].count("start") == 2
+    other = tmp_path / "other.jsonl"
+    other.write_text('# a user\'s notes\n{"step": 99}\n')
+    with pytest.raises(AiosError, match="is not a metrics log of brain 'tiny'"):
+        launch(config.replace(steps=4, resume=True, log_file=str(other)))
+    assert other.read_text() == '# a user\'s notes\n{"step": 99}\n'
+
+
+def test_a_cpu_run_keeps_no_cuda_rng_state():
+    assert "cuda" not in ckpt.capture_rng_state(torch.device("cpu"))
