@@ -162,6 +162,68 @@ class Linear(nn.Linear):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+# float32 matrix products on CPU go to oneDNN's GEMM rather than torch's default (MKL): the same float32
+# arithmetic (no reduced precision; results differ from MKL's by summation order only), but MKL does not use
+# AVX-512 on AMD CPUs, where oneDNN's GEMM runs about 2.2x faster (measured on this project's EPYC: 225 vs
+# 100 GFLOP/s per core). Autocast (bf16) keeps F.linear, which already runs oneDNN's bf16 GEMM.
+ONEDNN_FP32_LINEAR = True
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias), like F.linear; float32 CPU tensors outside autocast use oneDNN (see above)."""
+    if (ONEDNN_FP32_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and _onednn_linear_works()):
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+            return _OneDNNLinear.apply(x, weight, bias)
+        return _onednn_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@functools.cache
+def _onednn_linear_works() -> bool:
+    """Whether this torch has oneDNN's linear op and it agrees with F.linear; checked once, loudly if not."""
+    try:
+        g = torch.Generator().manual_seed(0)
+        x, w, b = (torch.randn(*shape, generator=g) for shape in ((5, 3, 16), (8, 16), (8,)))
+        ok = torch.allclose(_onednn_linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+        reason = "its result differs from F.linear"
+    except (AttributeError, RuntimeError) as exc:  # torch built without oneDNN, or the op changed
+        ok, reason = False, f"{type(exc).__name__}: {exc}"
+    if not ok:
+        log.warning("oneDNN float32 linear unavailable (%s); using F.linear (slower on AMD CPUs)", reason)
+    return ok
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """F.linear's forward and backward, each product a oneDNN float32 GEMM."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn_linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (..., out)
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _onednn_linear(grad, weight.t(), None)  # grad @ weight: (..., in)
+        grad_2d = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        if ctx.needs_input_grad[1]:
+            grad_w = _onednn_linear(grad_2d.t(), x.reshape(-1, x.shape[-1]).t(), None)  # grad^T @ x: (out, in)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_2d.sum(0)
+        return grad_x, grad_w, grad_b
+
 
 def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     """x * rsqrt(mean(x^2) + eps) in float32, cast back; no learnable gain."""

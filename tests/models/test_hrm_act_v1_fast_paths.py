@@ -1,0 +1,77 @@
+"""The model's fast paths compute what the plain formulas of ../shared/docs/HRM_ACTV1.md compute.
+
+Each fused or re-routed computation is checked, forward and backward, against the straightforward torch
+expression it replaces, in float32 and (where it runs under autocast) bf16.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import aios.models.hrm_act_v1 as hrm
+from aios.models.hrm_act_v1 import linear
+
+
+def grads(fn, *tensors):
+    """(fn(*tensors), gradients of a fixed random projection of it), so every output element matters."""
+    tensors = [t.detach().clone().requires_grad_(True) for t in tensors]
+    out = fn(*tensors)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+    (out * weights).float().sum().backward()
+    return out.detach(), [t.grad for t in tensors]
+
+
+# --- linear: float32 products through oneDNN ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("layout", ["3d", "strided"])
+def test_linear_equals_f_linear_forward_and_backward(bias, layout):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, 40, generator=g)
+    x = x[..., :24] if layout == "strided" else x[..., :24].contiguous()  # (3, 7, 24)
+    w, b = torch.randn(16, 24, generator=g), torch.randn(16, generator=g)
+    args = (x, w, b) if bias else (x, w)
+    ours, our_grads = grads(lambda *t: linear(*t), *args)
+    ref, ref_grads = grads(lambda *t: F.linear(*t), *args)
+    torch.testing.assert_close(ours, ref)
+    for a, e in zip(our_grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, e)
+
+
+def test_float32_cpu_linear_runs_onednn(monkeypatch):
+    if not hrm._onednn_linear_works():
+        pytest.skip("this torch has no working oneDNN linear")
+    calls = []
+    real = hrm._onednn_linear
+    monkeypatch.setattr(hrm, "_onednn_linear", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(4, 8, requires_grad=True)
+    linear(x, torch.randn(5, 8, requires_grad=True)).sum().backward()
+    assert len(calls) == 3  # the forward product and both backward products
+
+
+def test_linear_under_autocast_is_f_linear_in_bf16():
+    x, w = torch.randn(4, 8), torch.randn(5, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, ref = linear(x, w), F.linear(x, w)
+    assert ours.dtype == torch.bfloat16
+    assert torch.equal(ours, ref)
+
+
+def test_linear_falls_back_to_f_linear_loudly_when_onednn_fails(monkeypatch, caplog):
+    def broken(*args):
+        raise RuntimeError("no oneDNN here")
+
+    monkeypatch.setattr(hrm, "_onednn_linear", broken)
+    hrm._onednn_linear_works.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING):
+            x, w = torch.randn(4, 8), torch.randn(5, 8)
+            assert torch.equal(linear(x, w), F.linear(x, w))
+        assert "oneDNN float32 linear unavailable (RuntimeError: no oneDNN here); using F.linear" in caplog.text
+    finally:
+        hrm._onednn_linear_works.cache_clear()
