@@ -28,6 +28,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from aios.atomic import atomic_write, atomic_write_json
@@ -665,15 +666,72 @@ def stablemax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch
 
 def softmax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-token loss (B, T), float32, 0 where labels are ignored."""
-    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.long().flatten(), ignore_index=IGNORE_LABEL_ID,
-                           reduction="none")
-    return loss.view(labels.shape)
+    return token_loss_and_predictions(logits, labels, "softmax")[0]
 
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, loss_type: str) -> torch.Tensor:
     """Per-token loss (B, T) of the model's `loss_type`: what training minimises and evaluation reports."""
-    loss_fn = stablemax_cross_entropy if loss_type == "stablemax" else softmax_cross_entropy
-    return loss_fn(logits, labels)
+    return token_loss_and_predictions(logits, labels, loss_type)[0]
+
+
+def token_loss_and_predictions(logits: torch.Tensor, labels: torch.Tensor,
+                               loss_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-token loss (B, T) of `loss_type` and the argmax predictions (B, T), from one read of the logits."""
+    if loss_type == "stablemax":
+        return stablemax_cross_entropy(logits, labels), logits.argmax(-1)
+    loss, predictions = _SoftmaxCrossEntropy.apply(logits.flatten(0, 1), labels.flatten())
+    return loss.view(labels.shape), predictions.view(labels.shape)
+
+
+# Rows of logits the softmax loss takes at a time: a few MiB of float32, so neither the forward nor the
+# backward ever holds a float32 copy of all (N, V) logits (N * V * 4 bytes: 32 MiB at 1024 tokens x 8192).
+_LOSS_CHUNK_ELEMENTS = 1 << 20
+
+
+def _row_chunks(rows: int, width: int):
+    step = max(1, _LOSS_CHUNK_ELEMENTS // width)
+    for start in range(0, rows, step):
+        yield slice(start, min(start + step, rows))
+
+
+class _SoftmaxCrossEntropy(torch.autograd.Function):
+    """Per-token softmax cross-entropy (N,) in float32 and the argmax predictions (N,) of logits (N, V).
+
+    loss = logsumexp(x) - x[label], 0 where the label is IGNORE_LABEL_ID. The backward forms
+    (softmax(x) - one_hot(label)) * grad from the saved logits and logsumexp, a chunk of rows at a time, in
+    float32, stored once in the logits' dtype: one pass and one (N, V) tensor, where F.cross_entropy on
+    float32 logits makes four (the float copy, log-probabilities, the nll gradient, the log-softmax gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels):
+        valid = labels != IGNORE_LABEL_ID
+        safe = torch.where(valid, labels, 0).long()
+        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        predictions = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+        for rows in _row_chunks(*logits.shape):
+            x = logits[rows].float()  # (n, V)
+            predictions[rows] = x.argmax(-1)
+            lse[rows] = torch.logsumexp(x, -1)
+        picked = logits.gather(1, safe[:, None]).squeeze(1).float()
+        ctx.save_for_backward(logits, lse, safe, valid)
+        ctx.mark_non_differentiable(predictions)
+        return torch.where(valid, lse - picked, 0), predictions
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, _grad_predictions):
+        logits, lse, safe, valid = ctx.saved_tensors
+        scale = torch.where(valid, grad_loss, 0)  # (N,)
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        in_place = grad.dtype == torch.float32
+        for rows in _row_chunks(*logits.shape):
+            p = torch.sub(logits[rows], lse[rows, None], out=grad[rows] if in_place else None).exp_()  # softmax
+            p[torch.arange(p.shape[0], device=p.device), safe[rows]] -= 1
+            p.mul_(scale[rows, None])
+            if not in_place:
+                grad[rows] = p
+        return grad, None
 
 
 def act_loss(carry: ACTCarry, outputs: dict[str, torch.Tensor], config: HRMACTv1Config):
@@ -690,8 +748,9 @@ def act_loss(carry: ACTCarry, outputs: dict[str, torch.Tensor], config: HRMACTv1
     counts = mask.sum(-1)  # (B,)
     divisor = counts.clamp_min(1)
 
+    per_token, predictions = token_loss_and_predictions(logits, labels, config.loss_type)  # (B, T) each
     with torch.no_grad():
-        correct = mask & (logits.argmax(-1) == labels)
+        correct = mask & (predictions == labels)
         token_acc = correct.sum(-1) / divisor  # (B,)
         seq_correct = correct.sum(-1) == counts
         # LM mode rewards halting by token accuracy (a soft target); exact match in the puzzle setting.
@@ -708,7 +767,7 @@ def act_loss(carry: ACTCarry, outputs: dict[str, torch.Tensor], config: HRMACTv1
             "token_accuracy_all": token_acc.sum(),
         }
 
-    lm_loss = (token_cross_entropy(logits, labels, config.loss_type) / divisor[:, None]).sum()
+    lm_loss = (per_token / divisor[:, None]).sum()
     q_halt_loss = F.binary_cross_entropy_with_logits(q_halt, q_halt_target, reduction="sum")
     total = lm_loss + 0.5 * q_halt_loss
     q_continue_loss = torch.zeros((), device=labels.device)

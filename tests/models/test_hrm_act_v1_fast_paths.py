@@ -75,3 +75,29 @@ def test_linear_falls_back_to_f_linear_loudly_when_onednn_fails(monkeypatch, cap
         assert "oneDNN float32 linear unavailable (RuntimeError: no oneDNN here); using F.linear" in caplog.text
     finally:
         hrm._onednn_linear_works.cache_clear()
+
+
+# --- the softmax loss: chunked, with its argmax -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [1 << 20, 7])  # one chunk, or rows in chunks of 7 // vocab = 1
+def test_softmax_loss_and_gradient_equal_f_cross_entropy(dtype, chunk, monkeypatch):
+    monkeypatch.setattr(hrm, "_LOSS_CHUNK_ELEMENTS", chunk)
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(3, 5, 11, generator=g)).to(dtype)
+    labels = torch.randint(0, 11, (3, 5), generator=g)
+    labels[0, 2] = labels[2, 4] = hrm.IGNORE_LABEL_ID
+
+    def reference(x):
+        return F.cross_entropy(x.float().flatten(0, 1), labels.flatten(), reduction="none",
+                               ignore_index=hrm.IGNORE_LABEL_ID).view(3, 5)
+
+    ours, (our_grad,) = grads(lambda x: hrm.softmax_cross_entropy(x, labels), logits)
+    ref, (ref_grad,) = grads(reference, logits)
+    assert ours.dtype == torch.float32 and our_grad.dtype == dtype
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(our_grad, ref_grad)
+    assert ours[0, 2] == 0 and torch.all(our_grad[0, 2] == 0)  # ignored: no loss, no gradient
+    _, predictions = hrm.token_loss_and_predictions(logits, labels, "softmax")
+    assert torch.equal(predictions, logits.argmax(-1))
