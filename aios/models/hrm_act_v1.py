@@ -219,8 +219,14 @@ class _OneDNNLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = _onednn_linear(grad, weight.t(), None)  # grad @ weight: (..., in)
         grad_2d = grad.reshape(-1, grad.shape[-1])  # (N, out)
-        if ctx.needs_input_grad[1]:
-            grad_w = _onednn_linear(grad_2d.t(), x.reshape(-1, x.shape[-1]).t(), None)  # grad^T @ x: (out, in)
+        if ctx.needs_input_grad[1]:  # grad^T @ x: (out, in)
+            x_2d = x.reshape(-1, x.shape[-1])  # (N, in)
+            # oneDNN copies a transposed first operand into a contiguous one (not a transposed second): let
+            # the narrower of x and grad be the one copied (for lm_head, x (N, D) rather than grad (N, V)).
+            if x_2d.shape[1] <= grad_2d.shape[1]:
+                grad_w = _onednn_linear(x_2d.t(), grad_2d.t(), None).t()  # (x^T @ grad)^T
+            else:
+                grad_w = _onednn_linear(grad_2d.t(), x_2d.t(), None)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_2d.sum(0)
         return grad_x, grad_w, grad_b
@@ -228,9 +234,28 @@ class _OneDNNLinear(torch.autograd.Function):
 
 def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     """x * rsqrt(mean(x^2) + eps) in float32, cast back; no learnable gain."""
-    dtype = x.dtype
-    x = x.float()
-    return (x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)).to(dtype)
+    return _RMSNorm.apply(x, eps)
+
+
+class _RMSNorm(torch.autograd.Function):
+    """rms_norm in two passes (sum of squares, scale) and a three-pass backward that needs only the output:
+    y = x r with r = rsqrt(mean(x^2) + eps) gives dx = r (dy - y mean(dy y)). Autograd through the plain
+    expression makes six passes and keeps x and its square."""
+
+    @staticmethod
+    def forward(ctx, x, eps):
+        xf = x.float()
+        r = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+        y = xf * r  # float32 (..., D)
+        ctx.save_for_backward(y, r)
+        return y.to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        y, r = ctx.saved_tensors
+        dot = (grad * y).mean(-1, keepdim=True)  # (..., 1) float32
+        return torch.addcmul(grad, y, dot, value=-1).mul_(r).to(grad.dtype), None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -252,17 +277,41 @@ class RotaryEmbedding(nn.Module):
         return self.cos[:length], self.sin[:length]
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, S, H, hd); cos/sin: (S, hd)."""
-    dtype = x.dtype
-    x = x.float()
-    cos, sin = cos[:, None, :], sin[:, None, :]  # (S, 1, hd)
-    return (x * cos + rotate_half(x) * sin).to(dtype)
+    """x * cos + rotate_half(x) * sin in float32, cast back, with rotate_half(x) = cat(-x2, x1).
+
+    x: (B, S, H, hd), any strides (q and k heads together in one call); cos/sin: (S, hd), the RotaryEmbedding
+    tables, whose two halves are equal (cat(freqs, freqs))."""
+    half = x.shape[-1] // 2
+    return _Rotary.apply(x, cos[:, None, :half], sin[:, None, :half])  # tables (S, 1, hd/2)
+
+
+class _Rotary(torch.autograd.Function):
+    """RoPE by halves: out1 = x1 cos - x2 sin, out2 = x2 cos + x1 sin (the rotate-half form, since both table
+    halves are equal), written straight into one float32 buffer: no rotated copy of x, no cat. The backward
+    is the inverse rotation (sin -> -sin)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin, 1.0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, sin, -1.0), None, None
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    xf = x.float()  # once: on CPU a mixed-dtype op makes its own float copy of the bf16 operand, each time
+    x1, x2 = xf[..., :half], xf[..., half:]
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    out1, out2 = out[..., :half], out[..., half:]
+    torch.mul(x1, cos, out=out1).addcmul_(x2, sin, value=-sign)
+    torch.mul(x2, cos, out=out2).addcmul_(x1, sin, value=sign)
+    return out.to(x.dtype)
 
 
 def sliding_window_mask(length: int, window: int, device: torch.device | str) -> torch.Tensor:
@@ -300,10 +349,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         B, S, D = x.shape
-        qkv = self.qkv_proj(x).view(B, S, 3 * self.num_heads, self.head_dim)
-        q, k, v = qkv.split(self.num_heads, dim=2)  # each (B, S, H, hd)
+        H = self.num_heads
+        qkv = self.qkv_proj(x).view(B, S, 3 * H, self.head_dim)
         if rotary is not None:
-            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+            qk, v = qkv.split((2 * H, H), dim=2)
+            q, k = apply_rotary(qk, *rotary).split(H, dim=2)  # each (B, S, H, hd)
+        else:
+            q, k, v = qkv.split(H, dim=2)
         if self.use_flash and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
             from flash_attn import flash_attn_func
 
@@ -726,7 +778,10 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
         in_place = grad.dtype == torch.float32
         for rows in _row_chunks(*logits.shape):
-            p = torch.sub(logits[rows], lse[rows, None], out=grad[rows] if in_place else None).exp_()  # softmax
+            if in_place:
+                p = torch.sub(logits[rows], lse[rows, None], out=grad[rows]).exp_()  # softmax
+            else:  # one float copy of the rows (a mixed-dtype sub would make its own)
+                p = logits[rows].float().sub_(lse[rows, None]).exp_()
             p[torch.arange(p.shape[0], device=p.device), safe[rows]] -= 1
             p.mul_(scale[rows, None])
             if not in_place:

@@ -16,11 +16,15 @@ import aios.models.hrm_act_v1 as hrm
 from aios.models.hrm_act_v1 import linear
 
 
-def grads(fn, *tensors):
-    """(fn(*tensors), gradients of a fixed random projection of it), so every output element matters."""
+def grads(fn, *tensors, weights_dtype=None):
+    """(fn(*tensors), gradients of a fixed random projection of it), so every output element matters.
+
+    The projection weights are rounded to `weights_dtype` (default: the output's), so a float64 run can
+    use exactly the weights of a bf16 one."""
     tensors = [t.detach().clone().requires_grad_(True) for t in tensors]
     out = fn(*tensors)
-    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(weights_dtype or out.dtype)
+    weights = weights.to(out.dtype)
     (out * weights).float().sum().backward()
     return out.detach(), [t.grad for t in tensors]
 
@@ -30,11 +34,12 @@ def grads(fn, *tensors):
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("layout", ["3d", "strided"])
-def test_linear_equals_f_linear_forward_and_backward(bias, layout):
+@pytest.mark.parametrize("out_features", [16, 40])  # narrower and wider than the input: both weight-grad forms
+def test_linear_equals_f_linear_forward_and_backward(bias, layout, out_features):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 7, 40, generator=g)
     x = x[..., :24] if layout == "strided" else x[..., :24].contiguous()  # (3, 7, 24)
-    w, b = torch.randn(16, 24, generator=g), torch.randn(16, generator=g)
+    w, b = torch.randn(out_features, 24, generator=g), torch.randn(out_features, generator=g)
     args = (x, w, b) if bias else (x, w)
     ours, our_grads = grads(lambda *t: linear(*t), *args)
     ref, ref_grads = grads(lambda *t: F.linear(*t), *args)
@@ -75,6 +80,47 @@ def test_linear_falls_back_to_f_linear_loudly_when_onednn_fails(monkeypatch, cap
         assert "oneDNN float32 linear unavailable (RuntimeError: no oneDNN here); using F.linear" in caplog.text
     finally:
         hrm._onednn_linear_works.cache_clear()
+
+
+# --- rms_norm and RoPE ---------------------------------------------------------------------------------------
+
+
+def plain_rms_norm(x, eps):
+    return (x.float() * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_equals_the_plain_expression_forward_and_backward(dtype):
+    x = (3 * torch.randn(4, 6, 32, generator=torch.Generator().manual_seed(0))).to(dtype)
+    ours, (our_grad,) = grads(lambda t: hrm.rms_norm(t, 1e-5), x)
+    ref, (ref_grad,) = grads(lambda t: plain_rms_norm(t, 1e-5), x)
+    assert ours.dtype == dtype and our_grad.dtype == dtype
+    torch.testing.assert_close(ours, ref)
+    if dtype == torch.float32:
+        torch.testing.assert_close(our_grad, ref_grad)
+    else:  # both round to bf16, differently: ours must be at least as close to the float64 truth
+        _, (truth,) = grads(lambda t: plain_rms_norm(t, 1e-5), x.double(), weights_dtype=dtype)
+        ours_error, plain_error = ((g.double() - truth).abs().max() for g in (our_grad, ref_grad))
+        assert ours_error <= plain_error
+
+
+def plain_rotary(x, cos, sin):
+    """The spec's rotate-half form, in float32."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos[:, None] + torch.cat((-x2, x1), dim=-1) * sin[:, None]).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_equals_the_rotate_half_form_forward_and_backward(dtype):
+    cos, sin = hrm.RotaryEmbedding(8, 10, 10000.0)(10)  # (10, 8) each
+    qkv = torch.randn(2, 10, 3 * 4, 8, generator=torch.Generator().manual_seed(0)).to(dtype)
+    qk = qkv[:, :, : 2 * 4]  # the q and k heads of a fused projection: a strided view, as in Attention
+    ours, (our_grad,) = grads(lambda t: hrm.apply_rotary(t, cos, sin), qk)
+    ref, (ref_grad,) = grads(lambda t: plain_rotary(t, cos, sin), qk)
+    assert ours.dtype == dtype and our_grad.dtype == dtype
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(our_grad, ref_grad)
 
 
 # --- the softmax loss: chunked, with its argmax -------------------------------------------------------------
