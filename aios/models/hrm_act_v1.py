@@ -328,6 +328,11 @@ def _window_mask(length: int, window: int, device: str) -> torch.Tensor:
     return (j <= i) & (j > i - window)
 
 
+def position_slice(position: int) -> slice:
+    """The slice of one sequence position (negative counts from the end): keeps the dimension."""
+    return slice(position, position + 1 or None)
+
+
 def flash_attn_available() -> bool:
     try:
         import flash_attn  # noqa: F401
@@ -347,7 +352,10 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(config.hidden_size, 3 * config.hidden_size)  # q-heads, k-heads, v-heads
         self.o_proj = Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None,
+                query: int | None = None) -> torch.Tensor:
+        """(B, S, D) -> (B, S, D); with `query`, the output (B, 1, D) of that position alone, whose keys and
+        values still come from every position."""
         B, S, D = x.shape
         H = self.num_heads
         qkv = self.qkv_proj(x).view(B, S, 3 * H, self.head_dim)
@@ -356,6 +364,12 @@ class Attention(nn.Module):
             q, k = apply_rotary(qk, *rotary).split(H, dim=2)  # each (B, S, H, hd)
         else:
             q, k, v = qkv.split(H, dim=2)
+        if query is not None:
+            rows = position_slice(query)
+            q, k, v = (t.transpose(1, 2) for t in (q[:, rows], k, v))  # (B, H, 1, hd), (B, H, S, hd) x 2
+            mask = sliding_window_mask(S, self.window or S, x.device)[rows] if self.causal else None  # (1, S)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)  # (B, 1, H, hd)
+            return self.o_proj(out.reshape(B, 1, D))
         if self.use_flash and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
             from flash_attn import flash_attn_func
 
@@ -453,8 +467,12 @@ class Block(nn.Module):
         self.self_attn = Attention(config)
         self.mlp = MixtureOfExperts(config) if config.use_moe else SwiGLU(config)
 
-    def forward(self, h: torch.Tensor, rotary) -> tuple[torch.Tensor, torch.Tensor]:
-        h = rms_norm(h + self.self_attn(h, rotary), self.eps)
+    def forward(self, h: torch.Tensor, rotary, query: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, S, D) -> (B, S, D), or (B, 1, D) at position `query` alone (see Attention)."""
+        attn = self.self_attn(h, rotary, query)
+        if query is not None:
+            h = h[:, position_slice(query)]
+        h = rms_norm(h + attn, self.eps)
         if isinstance(self.mlp, MixtureOfExperts):
             ffn, aux = self.mlp(h)
         else:
@@ -470,14 +488,17 @@ class ReasoningModule(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(num_layers))
         self.gradient_checkpointing = False  # a runtime choice: HRMACTv1(..., gradient_checkpointing=True)
 
-    def forward(self, z: torch.Tensor, injection: torch.Tensor, rotary) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, z: torch.Tensor, injection: torch.Tensor, rotary,
+                query: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, S, D) -> (B, S, D); with `query`, the last block computes position `query` alone: (B, 1, D)."""
         h = z + injection
         aux = h.new_zeros((), dtype=torch.float32)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            last_query = query if i == len(self.layers) - 1 else None
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                h, layer_aux = checkpoint(layer, h, rotary, use_reentrant=False)
+                h, layer_aux = checkpoint(layer, h, rotary, last_query, use_reentrant=False)
             else:
-                h, layer_aux = layer(h, rotary)
+                h, layer_aux = layer(h, rotary, last_query)
             aux = aux + layer_aux
         return h, aux
 
@@ -530,9 +551,25 @@ class HRMInner(nn.Module):
         return self.embed_scale * x
 
     def forward(self, z_H: torch.Tensor, z_L: torch.Tensor, inputs: torch.Tensor,
-                puzzle_identifiers: torch.Tensor | None = None, with_logits: bool = True):
-        """One segment. Returns (z_H, z_L) detached, logits (B, T, V) (None unless `with_logits`),
-        q logits (B, 2), MoE aux loss."""
+                puzzle_identifiers: torch.Tensor | None = None):
+        """One segment. Returns (z_H, z_L) detached, logits (B, T, V), q logits (B, 2), MoE aux loss."""
+        z_H, z_L, aux = self.segment(z_H, z_L, inputs, puzzle_identifiers)
+        logits = self.lm_head(z_H)[:, self.prefix_len:]  # (B, T, V)
+        q_logits = self.q_head(z_H[:, self.q_position]).float()  # (B, 2)
+        return z_H.detach(), z_L.detach(), logits, q_logits, aux
+
+    def q_logits(self, z_H: torch.Tensor, z_L: torch.Tensor, inputs: torch.Tensor,
+                 puzzle_identifiers: torch.Tensor | None = None) -> torch.Tensor:
+        """Only the q logits (B, 2) of a segment, for the ACT q_continue target: no lm_head, and the last H
+        block computes z_H at the Q-head's position alone. With MoE the whole last block runs (expert capacity
+        depends on the number of tokens routed)."""
+        query = None if self.config.use_moe else self.q_position
+        z_H, _, _ = self.segment(z_H, z_L, inputs, puzzle_identifiers, query=query)  # (B, 1 or S, D)
+        return self.q_head(z_H[:, self.q_position]).float()
+
+    def segment(self, z_H: torch.Tensor, z_L: torch.Tensor, inputs: torch.Tensor,
+                puzzle_identifiers: torch.Tensor | None = None, query: int | None = None):
+        """The H and L cycles of one segment: (z_H, z_L, MoE aux loss), z_H at position `query` alone if given."""
         cfg = self.config
         x = self.embed(inputs, puzzle_identifiers)  # (B, S, D)
         rotary = self.rotary(x.shape[1]) if cfg.pos_encodings == "rope" else None
@@ -545,10 +582,8 @@ class HRMInner(nn.Module):
                     z_H, _ = self.H_level(z_H, z_L, rotary)
         # The one-step gradient: only these two updates are in the autograd graph.
         z_L, aux_L = self.L_level(z_L, z_H + x, rotary)
-        z_H, aux_H = self.H_level(z_H, z_L, rotary)
-        logits = self.lm_head(z_H)[:, self.prefix_len:] if with_logits else None  # (B, T, V)
-        q_logits = self.q_head(z_H[:, self.q_position]).float()  # (B, 2)
-        return z_H.detach(), z_L.detach(), logits, q_logits, aux_L + aux_H
+        z_H, aux_H = self.H_level(z_H, z_L, rotary, query)
+        return z_H, z_L, aux_L + aux_H
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -654,8 +689,7 @@ class HRMACTv1(nn.Module):
                 explore = torch.rand_like(q_halt) < cfg.halt_exploration_prob
                 min_steps = explore * torch.randint_like(steps, low=2, high=cfg.halt_max_steps + 1)
                 halted = halted & (steps >= min_steps)
-                _, _, _, next_q, _ = inner(z_H, z_L, data["inputs"], data.get("puzzle_identifiers"),
-                                           with_logits=False)  # only the q values of the next segment
+                next_q = inner.q_logits(z_H, z_L, data["inputs"], data.get("puzzle_identifiers"))  # next segment
                 next_halt, next_continue = next_q.unbind(-1)
                 outputs["target_q_continue"] = torch.sigmoid(
                     torch.where(is_last, next_halt, torch.maximum(next_halt, next_continue)))

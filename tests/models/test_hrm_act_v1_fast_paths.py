@@ -147,3 +147,32 @@ def test_softmax_loss_and_gradient_equal_f_cross_entropy(dtype, chunk, monkeypat
     assert ours[0, 2] == 0 and torch.all(our_grad[0, 2] == 0)  # ignored: no loss, no gradient
     _, predictions = hrm.token_loss_and_predictions(logits, labels, "softmax")
     assert torch.equal(predictions, logits.argmax(-1))
+
+
+# --- the q_continue target's segment: z_H at the Q-head's position only ----------------------------------
+
+
+@pytest.mark.parametrize("overrides", [
+    {},  # causal LM: the Q-head reads the last position
+    {"window_size": 5, "pos_encodings": "learned"},  # causal sliding window
+    {"causal": False, "puzzle_emb_ndim": 40, "num_puzzle_identifiers": 3},  # reference: position 0, a prefix
+    {"use_moe": True, "num_experts": 3},  # MoE runs the whole last block (capacity depends on the tokens)
+])
+def test_q_logits_equal_the_full_segments_q_logits(overrides):
+    torch.manual_seed(0)
+    config = hrm.HRMACTv1Config(**{**dict(vocab_size=50, seq_len=12, hidden_size=32, num_heads=4, expansion=2.0,
+                                          H_layers=2, L_layers=1, halt_max_steps=4), **overrides})
+    inner = hrm.HRMACTv1(config).inner
+    with torch.no_grad():
+        inner.q_head.weight.normal_()  # q logits that depend on z_H
+    inputs = torch.randint(0, 50, (3, 12))
+    puzzle = torch.tensor([0, 2, 1]) if config.puzzle_emb_ndim else None
+    S = 12 + inner.prefix_len
+    z_H, z_L = torch.randn(3, S, 32), torch.randn(3, S, 32)
+    rows = []
+    inner.H_level.layers[-1].mlp.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[1]))
+    with torch.no_grad():
+        full = inner(z_H, z_L, inputs, puzzle)[3]
+        fast = inner.q_logits(z_H, z_L, inputs, puzzle)
+    torch.testing.assert_close(fast, full)
+    assert rows == [S, S, S, S if config.use_moe else 1]  # H_cycles 2: the final H update saw one position
