@@ -21,6 +21,7 @@ import functools
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal
@@ -177,59 +178,79 @@ ONEDNN_FP32_LINEAR = True
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T (+ bias), like F.linear; float32 CPU tensors outside autocast use oneDNN (see above)."""
     if (ONEDNN_FP32_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu") and _onednn_linear_works()):
-        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-            return _OneDNNLinear.apply(x, weight, bias)
-        return _onednn_linear(x, weight, bias)
+            and not torch.is_autocast_enabled("cpu") and onednn_linear_works()):
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return onednn_linear(x, weight, bias)  # the op: differentiable, and opaque to torch.compile
+        return _onednn_gemm(x, weight, bias)  # the same product without the op's dispatch (~5 us a call)
     return F.linear(x, weight, bias)
 
 
-def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _onednn_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-@functools.cache
-def _onednn_linear_works() -> bool:
+# A custom op rather than a bare call: inductor's own lowering of mkldnn._linear_pointwise expects prepacked
+# inference weights and fails in training, while a custom op stays an opaque kernel call in compiled code.
+@torch.library.custom_op("aios::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T (+ bias) by oneDNN's float32 GEMM (CPU); differentiable."""
+    return _onednn_gemm(x, weight, bias)
+
+
+@onednn_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _onednn_linear_setup(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _onednn_linear_backward(ctx, grad):  # grad (..., out)
+    x, weight = ctx.saved_tensors
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = onednn_linear(grad, weight.t(), None)  # grad @ weight: (..., in)
+    grad_2d = grad.reshape(-1, grad.shape[-1])  # (N, out)
+    if ctx.needs_input_grad[1]:  # grad^T @ x: (out, in)
+        x_2d = x.reshape(-1, x.shape[-1])  # (N, in)
+        # oneDNN copies a transposed first operand into a contiguous one (not a transposed second): let the
+        # narrower of x and grad be the one copied (for lm_head, x (N, D) rather than grad (N, V)).
+        if x_2d.shape[1] <= grad_2d.shape[1]:
+            grad_w = onednn_linear(x_2d.t(), grad_2d.t(), None).t()  # (x^T @ grad)^T
+        else:
+            grad_w = onednn_linear(grad_2d.t(), x_2d.t(), None)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_b = grad_2d.sum(0)
+    return grad_x, grad_w, grad_b
+
+
+onednn_linear.register_autograd(_onednn_linear_backward, setup_context=_onednn_linear_setup)
+
+_onednn_linear_ok: bool | None = None  # a plain global, not functools.cache: torch.compile traces `linear`
+
+
+def onednn_linear_works() -> bool:
     """Whether this torch has oneDNN's linear op and it agrees with F.linear; checked once, loudly if not."""
+    global _onednn_linear_ok
+    if _onednn_linear_ok is None:
+        _onednn_linear_ok = _check_onednn_linear()
+    return _onednn_linear_ok
+
+
+def _check_onednn_linear() -> bool:
     try:
         g = torch.Generator().manual_seed(0)
         x, w, b = (torch.randn(*shape, generator=g) for shape in ((5, 3, 16), (8, 16), (8,)))
-        ok = torch.allclose(_onednn_linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+        ok = torch.allclose(_onednn_gemm(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
         reason = "its result differs from F.linear"
     except (AttributeError, RuntimeError) as exc:  # torch built without oneDNN, or the op changed
         ok, reason = False, f"{type(exc).__name__}: {exc}"
     if not ok:
         log.warning("oneDNN float32 linear unavailable (%s); using F.linear (slower on AMD CPUs)", reason)
     return ok
-
-
-class _OneDNNLinear(torch.autograd.Function):
-    """F.linear's forward and backward, each product a oneDNN float32 GEMM."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return _onednn_linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad):  # grad (..., out)
-        x, weight = ctx.saved_tensors
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _onednn_linear(grad, weight.t(), None)  # grad @ weight: (..., in)
-        grad_2d = grad.reshape(-1, grad.shape[-1])  # (N, out)
-        if ctx.needs_input_grad[1]:  # grad^T @ x: (out, in)
-            x_2d = x.reshape(-1, x.shape[-1])  # (N, in)
-            # oneDNN copies a transposed first operand into a contiguous one (not a transposed second): let
-            # the narrower of x and grad be the one copied (for lm_head, x (N, D) rather than grad (N, V)).
-            if x_2d.shape[1] <= grad_2d.shape[1]:
-                grad_w = _onednn_linear(x_2d.t(), grad_2d.t(), None).t()  # (x^T @ grad)^T
-            else:
-                grad_w = _onednn_linear(grad_2d.t(), x_2d.t(), None)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad_2d.sum(0)
-        return grad_x, grad_w, grad_b
 
 
 def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -307,6 +328,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) 
     half = x.shape[-1] // 2
     xf = x.float()  # once: on CPU a mixed-dtype op makes its own float copy of the bf16 operand, each time
     x1, x2 = xf[..., :half], xf[..., half:]
+    if torch.compiler.is_compiling():  # out= into views does not trace; inductor fuses the plain form anyway
+        return torch.cat((x1 * cos - sign * x2 * sin, x2 * cos + sign * x1 * sin), dim=-1).to(x.dtype)
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     out1, out2 = out[..., :half], out[..., half:]
     torch.mul(x1, cos, out=out1).addcmul_(x2, sin, value=-sign)
@@ -318,6 +341,8 @@ def sliding_window_mask(length: int, window: int, device: torch.device | str) ->
     """(S, S) bool, True where query i may attend key j: i - window < j <= i.
 
     Built once per (length, window, device) and shared by every attention call: read-only."""
+    if torch.compiler.is_compiling():  # a constant of the graph; dynamo would trace past the cache anyway
+        return _window_mask.__wrapped__(length, window, str(torch.device(device)))
     return _window_mask(length, window, str(torch.device(device)))
 
 
@@ -616,6 +641,26 @@ class ACTCarry:
                         self.halted.to(device), {k: v.to(device) for k, v in self.current_data.items()})
 
 
+class CompiledOrEager:
+    """`torch.compile(fn)`, or `fn` itself for good (with a warning naming the reason) once compiling fails."""
+
+    def __init__(self, fn: Callable, name: str, backend: str | Callable = "inductor"):
+        self.eager, self.name = fn, name
+        self.compiled = torch.compile(fn, dynamic=False, backend=backend)
+        self.failure: str | None = None  # why compiling failed, once it has
+
+    def __call__(self, *args, **kwargs):
+        if self.failure is None:
+            try:
+                return self.compiled(*args, **kwargs)
+            # Compile errors only (torch.compile has imported torch._dynamo); others propagate.
+            except torch._dynamo.exc.TorchDynamoException as exc:
+                message = str(exc).strip().splitlines()
+                self.failure = f"{type(exc).__name__}: {message[0] if message else ''}"
+                log.warning("torch.compile of %s failed (%s); running it eager", self.name, self.failure)
+        return self.eager(*args, **kwargs)
+
+
 def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Broadcast a (B,) row mask against a (B, ...) tensor."""
     return mask.view((-1,) + (1,) * (like.ndim - 1))
@@ -646,6 +691,20 @@ class HRMACTv1(nn.Module):
                 module.gradient_checkpointing = gradient_checkpointing
             elif isinstance(module, Attention):
                 module.use_flash = use_flash_attn
+
+    def compile_segments(self, backend: str | Callable = "inductor") -> None:
+        """torch.compile each ACT segment (HRMInner.forward, and q_logits for the q_continue target), as the
+        reference compiles its model. Compiling happens on first use (and again for a new shape, grad mode or
+        autocast state); where it fails (no C++ compiler, an unsupported op, ...), a warning names the reason
+        and that segment runs eager from then on. Meant for training: generation's growing context would
+        compile once per length."""
+        inner = self.inner
+        if isinstance(inner.forward, CompiledOrEager):
+            return
+        onednn_linear_works()  # decided now, not while tracing
+        inner.forward = CompiledOrEager(inner.forward, "the ACT segment (HRMInner.forward)", backend)
+        inner.q_logits = CompiledOrEager(inner.q_logits, "the q_continue target's segment (HRMInner.q_logits)",
+                                         backend)
 
     def num_parameters(self, include_puzzle_embedding: bool = False) -> int:
         return sum(p.numel() for name, p in self.named_parameters()

@@ -49,11 +49,11 @@ def test_linear_equals_f_linear_forward_and_backward(bias, layout, out_features)
 
 
 def test_float32_cpu_linear_runs_onednn(monkeypatch):
-    if not hrm._onednn_linear_works():
+    if not hrm.onednn_linear_works():
         pytest.skip("this torch has no working oneDNN linear")
     calls = []
-    real = hrm._onednn_linear
-    monkeypatch.setattr(hrm, "_onednn_linear", lambda *a: calls.append(1) or real(*a))
+    real = hrm._onednn_gemm
+    monkeypatch.setattr(hrm, "_onednn_gemm", lambda *a: calls.append(1) or real(*a))
     x = torch.randn(4, 8, requires_grad=True)
     linear(x, torch.randn(5, 8, requires_grad=True)).sum().backward()
     assert len(calls) == 3  # the forward product and both backward products
@@ -71,15 +71,12 @@ def test_linear_falls_back_to_f_linear_loudly_when_onednn_fails(monkeypatch, cap
     def broken(*args):
         raise RuntimeError("no oneDNN here")
 
-    monkeypatch.setattr(hrm, "_onednn_linear", broken)
-    hrm._onednn_linear_works.cache_clear()
-    try:
-        with caplog.at_level(logging.WARNING):
-            x, w = torch.randn(4, 8), torch.randn(5, 8)
-            assert torch.equal(linear(x, w), F.linear(x, w))
-        assert "oneDNN float32 linear unavailable (RuntimeError: no oneDNN here); using F.linear" in caplog.text
-    finally:
-        hrm._onednn_linear_works.cache_clear()
+    monkeypatch.setattr(hrm, "_onednn_gemm", broken)
+    monkeypatch.setattr(hrm, "_onednn_linear_ok", None)  # checked again, and restored afterwards
+    with caplog.at_level(logging.WARNING):
+        x, w = torch.randn(4, 8), torch.randn(5, 8)
+        assert torch.equal(linear(x, w), F.linear(x, w))
+    assert "oneDNN float32 linear unavailable (RuntimeError: no oneDNN here); using F.linear" in caplog.text
 
 
 # --- rms_norm and RoPE ---------------------------------------------------------------------------------------
@@ -176,3 +173,62 @@ def test_q_logits_equal_the_full_segments_q_logits(overrides):
         fast = inner.q_logits(z_H, z_L, inputs, puzzle)
     torch.testing.assert_close(fast, full)
     assert rows == [S, S, S, S if config.use_moe else 1]  # H_cycles 2: the final H update saw one position
+
+
+# --- compile_segments: torch.compile each ACT segment, eager where it cannot ------------------------------
+
+
+def two_training_steps(model):
+    """Loss, q_continue target and gradients after two ACT training steps on a fixed batch."""
+    batch = hrm.shift_labels(torch.randint(0, 50, (3, 13), generator=torch.Generator().manual_seed(0)))
+    torch.manual_seed(1)  # the same exploration draws
+    carry = model.initial_carry(batch)
+    for _ in range(2):
+        carry, outputs = model(carry, batch)
+        loss, _ = hrm.act_loss(carry, outputs, model.config)
+        loss.backward()
+    return loss.detach(), outputs["target_q_continue"], {n: p.grad for n, p in model.named_parameters()}
+
+
+def compile_pair():
+    torch.manual_seed(0)
+    config = hrm.HRMACTv1Config(vocab_size=50, seq_len=12, hidden_size=32, num_heads=4, expansion=2.0, H_layers=1,
+                                L_layers=1, H_cycles=2, L_cycles=1, halt_max_steps=4)
+    eager = hrm.HRMACTv1(config).train()
+    compiled = hrm.HRMACTv1(config).train()
+    compiled.load_state_dict(eager.state_dict())
+    return eager, compiled
+
+
+def assert_same_training(eager, compiled):
+    for ours, ref in zip(two_training_steps(compiled)[:2], two_training_steps(eager)[:2], strict=True):
+        torch.testing.assert_close(ours, ref)
+    for name, param in compiled.named_parameters():
+        torch.testing.assert_close(param.grad, eager.get_parameter(name).grad, msg=name)
+
+
+def test_compiled_segments_train_like_eager():
+    eager, compiled = compile_pair()
+    compiled.compile_segments()
+    assert_same_training(eager, compiled)
+    assert compiled.inner.forward.failure is None and compiled.inner.q_logits.failure is None  # really compiled
+
+
+def test_compile_falls_back_to_eager_loudly_without_a_cxx_compiler(monkeypatch, caplog):
+    import torch._dynamo
+    import torch._functorch.config
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("/nonexistent/c++",))
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)  # compile now, not from the cache
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+    torch._dynamo.reset()
+    eager, compiled = compile_pair()
+    compiled.compile_segments()
+    with caplog.at_level(logging.WARNING):
+        assert_same_training(eager, compiled)
+    expected = "torch.compile of the ACT segment (HRMInner.forward) failed (InductorError: InvalidCxxCompiler"
+    assert expected in caplog.text
+    assert "running it eager" in caplog.text
+    assert "No working C++ compiler" in compiled.inner.forward.failure
+    torch._dynamo.reset()  # nothing compiled under the broken compiler setting outlives the test
