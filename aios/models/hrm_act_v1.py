@@ -842,42 +842,42 @@ def _row_chunks(rows: int, width: int):
 class _SoftmaxCrossEntropy(torch.autograd.Function):
     """Per-token softmax cross-entropy (N,) in float32 and the argmax predictions (N,) of logits (N, V).
 
-    loss = -log_softmax(x)[label], 0 where the label is IGNORE_LABEL_ID (F.cross_entropy's values). The
-    backward forms (softmax(x) - one_hot(label)) * grad from the saved logits, a chunk of rows at a time, in
-    float32, stored once in the logits' dtype: one (N, V) tensor, where F.cross_entropy on float32 logits makes
-    four (the float copy, log-probabilities, the nll gradient, the log-softmax gradient).
+    loss = logsumexp(x) - x[label], 0 where the label is IGNORE_LABEL_ID. The backward forms
+    (softmax(x) - one_hot(label)) * grad from the saved logits and logsumexp, a chunk of rows at a time, in
+    float32, stored once in the logits' dtype: one pass and one (N, V) tensor, where F.cross_entropy on
+    float32 logits makes four (the float copy, log-probabilities, the nll gradient, the log-softmax gradient).
     """
 
     @staticmethod
     def forward(ctx, logits, labels):
         valid = labels != IGNORE_LABEL_ID
         safe = torch.where(valid, labels, 0).long()
-        loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         predictions = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
         for rows in _row_chunks(*logits.shape):
-            chunk = logits[rows]
-            x = chunk.float()  # (n, V): a copy of bf16 rows, which the log-softmax may then overwrite
+            x = logits[rows].float()  # (n, V)
             predictions[rows] = x.argmax(-1)
-            logp = torch.log_softmax(x, -1, out=x if x is not chunk else None)
-            loss[rows] = logp.gather(1, safe[rows, None]).squeeze(1).neg_()
-        ctx.save_for_backward(logits, safe, valid)
+            lse[rows] = torch.logsumexp(x, -1)
+        picked = logits.gather(1, safe[:, None]).squeeze(1).float()
+        ctx.save_for_backward(logits, lse, safe, valid)
         ctx.mark_non_differentiable(predictions)
-        return torch.where(valid, loss, 0), predictions
+        return torch.where(valid, lse - picked, 0), predictions
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, _grad_predictions):
-        logits, safe, valid = ctx.saved_tensors
+        logits, lse, safe, valid = ctx.saved_tensors
         scale = torch.where(valid, grad_loss, 0)  # (N,)
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        in_place = grad.dtype == torch.float32
         for rows in _row_chunks(*logits.shape):
-            chunk = logits[rows]
-            x = chunk.float()
-            # float32: the softmax straight into the gradient; bf16: into the float copy, then rounded once
-            p = torch.softmax(x, -1, out=grad[rows] if x is chunk else x)  # (n, V)
+            if in_place:
+                p = torch.sub(logits[rows], lse[rows, None], out=grad[rows]).exp_()  # softmax
+            else:  # one float copy of the rows (a mixed-dtype sub would make its own)
+                p = logits[rows].float().sub_(lse[rows, None]).exp_()
             p[torch.arange(p.shape[0], device=p.device), safe[rows]] -= 1
             p.mul_(scale[rows, None])
-            if x is not chunk:
+            if not in_place:
                 grad[rows] = p
         return grad, None
 
