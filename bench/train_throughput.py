@@ -1,6 +1,6 @@
 """Training-step throughput: the aios Trainer against a bare loop and the reference HRM code, side by side.
 
-    python bench/train_throughput.py --reference ~/src/HRM        # everything (about 10 minutes on 2 cores)
+    python bench/train_throughput.py --reference ~/src/HRM        # everything (about 11 minutes on 2 cores)
     python bench/train_throughput.py --shapes d256 --no-compile    # a quick look, no reference
     python bench/train_throughput.py --reference ~/src/HRM --steps 20 --no-rss
 
@@ -10,8 +10,10 @@ sample, seq 128, rope, H_cycles = L_cycles = 2, AdamW (lr 1e-4, betas 0.9/0.95, 
   hrm-27m  the reference 27M puzzle shape: D 512, 8 heads, expansion 4, 4+4 layers, halt_max_steps 16, batch 4
            (35.6M parameters here: the 8192-token embedding and head; the Sudoku model's 27.3M has vocab 11)
 
-Every variant of a shape lives in one process and they take turns step by step (the order rotates and
-reverses each round, so machine noise and drift hit all alike); the table shows medians:
+Every variant of a shape lives in one process and they take turns step by step: each round runs every
+variant once, a lane's variants back to back (their order reversing each round) and the lanes in rotating
+order, so machine noise and drift hit all alike; the table shows medians, the ratios also as the median
+of each round's ratio:
   lanes     fp32 | bf16 autocast, each eager | compiled (HRMACTv1.compile_segments; the reference:
             torch.compile(model, dynamic=False) as its pretrain.py does)
   trainer   `Trainer(config, LocalSession).train_step()`: one optimizer step as `aios` runs it (sampler refill
@@ -408,13 +410,15 @@ def timed(step) -> float:
 
 
 def run_rounds(steps: dict, rounds: int) -> dict[tuple[str, str], list[float]]:
-    """Each step once per round; the order rotates and reverses round by round."""
-    keys = list(steps)
-    times = {key: [] for key in keys}
+    """Each step once per round. A lane's variants run back to back, so the ratios between them come from
+    neighbouring steps; the lane order rotates round by round, and the order inside a lane reverses."""
+    lanes = list(dict.fromkeys(lane for lane, _ in steps))
+    times = {key: [] for key in steps}
     for r in range(rounds):
-        order = keys[r % len(keys):] + keys[:r % len(keys)]
-        for key in order if r % 2 == 0 else order[::-1]:
-            times[key].append(timed(steps[key]))
+        for lane in lanes[r % len(lanes):] + lanes[:r % len(lanes)]:
+            keys = [key for key in steps if key[0] == lane]
+            for key in keys if r % 2 == 0 else keys[::-1]:
+                times[key].append(timed(steps[key]))
     return times
 
 
