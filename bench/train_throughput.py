@@ -44,8 +44,8 @@ The trainer's overhead over the bare loop has a budget of 3%. Results go to benc
 (git-ignored) with every step time, machine info and a timestamp.
 
 Run it on an otherwise idle machine: when other processes hold the cores, torch's OpenMP threads wait for
-each other at every parallel op and small ops get many times slower; the script measures how busy the CPUs
-are before and after and says so.
+each other at every parallel op and small ops get many times slower. The script measures how busy the CPUs
+are before and after, and how much CPU time other processes took during the run, and says so.
 """
 
 from __future__ import annotations
@@ -422,17 +422,24 @@ def run_rounds(steps: dict, rounds: int) -> dict[tuple[str, str], list[float]]:
     return times
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(busy, total) CPU time of the whole machine so far, in clock ticks (from /proc/stat)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+def own_cpu_ticks() -> float:
+    """CPU time of this process and its finished children, in clock ticks."""
+    own = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return sum(r.ru_utime + r.ru_stime for r in own) * os.sysconf("SC_CLK_TCK")
+
+
 def busy_fraction(seconds: float = 1.0) -> float:
-    """Share of all CPUs busy over `seconds` (from /proc/stat): other work on the machine skews timings."""
-
-    def sample() -> tuple[int, int]:
-        values = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-        idle = values[3] + values[4]  # idle + iowait
-        return sum(values) - idle, sum(values)
-
-    busy_before, total_before = sample()
+    """Share of all CPUs busy over `seconds`: other work on the machine skews timings."""
+    busy_before, total_before = cpu_ticks()
     time.sleep(seconds)
-    busy_after, total_after = sample()
+    busy_after, total_after = cpu_ticks()
     return (busy_after - busy_before) / max(1, total_after - total_before)
 
 
@@ -619,6 +626,9 @@ def print_table(report: dict) -> None:
             console.print(f"  same weights, one segment, aios causal=False vs reference: max |d logits| "
                           f"{agreement['logits_max_abs_diff']:.1e} (of |logits| up to "
                           f"{agreement['logits_max_abs']:.1f}), max |d q| {agreement['q_max_abs_diff']:.1e}")
+    machine = report["machine"]
+    console.print(f"machine: {machine['cpu_model']}, {machine['cpu_count']} CPUs; other processes used "
+                  f"{machine['others_busy_during_run_percent']:.1f}% of them during the run")
     for note in report["notes"]:
         console.print(f"note: {note}")
 
@@ -684,13 +694,21 @@ def main(argv: list[str] | None = None) -> None:
         "speed_target": SPEED_TARGET, "reference": str(args.reference) if args.reference else None,
         "notes": notes, "shapes": {},
     }
+    (busy_start, total_start), own_start = cpu_ticks(), own_cpu_ticks()
     with tempfile.TemporaryDirectory(prefix="aios-bench-") as root:
         print("training an 8192-token BPE on the Shakespeare sample ...", flush=True)
         tokenizer = train_tokenizer(Path(root))
         for shape in args.shapes:
             report["shapes"][shape] = bench_shape(shape, args, peaks, Path(root), tokenizer)
+    (busy_end, total_end), own_end = cpu_ticks(), own_cpu_ticks()
+    # CPU time the rest of the machine used while the benchmark ran: what it had to share the cores with.
+    others = max(0.0, (busy_end - busy_start) - (own_end - own_start)) / max(1, total_end - total_start)
     busy_after = busy_fraction()
-    report["machine"].update(busy_after_percent=100 * busy_after, load_average_after=os.getloadavg())
+    report["machine"].update(busy_after_percent=100 * busy_after, load_average_after=os.getloadavg(),
+                             others_busy_during_run_percent=100 * others)
+    if others > BUSY_WARNING / 2:
+        report["notes"].append(f"other processes used {100 * others:.0f}% of the CPUs during the run: the timings "
+                               f"are disturbed; run it again on an idle machine")
     if busy_after > BUSY_WARNING:
         report["notes"].append(f"{100 * busy_after:.0f}% of the CPUs were busy right after the run")
     print_table(report)
