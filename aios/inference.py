@@ -19,7 +19,10 @@ from aios.models.hrm_act_v1 import (
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None):
-    """bf16/fp16 autocast on `device`, or nothing when dtype is None."""
+    """bf16/fp16 autocast on `device`, or nothing when dtype is None.
+
+    Autocast casts each float32 weight once per outermost context and reuses the copy (also under no_grad):
+    wrap all the segments that share weights in one context, not each segment in its own."""
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
@@ -42,11 +45,11 @@ def evaluate_lm(model: HRMACTv1, batches: Iterable[np.ndarray], device: torch.de
             batch = shift_labels(torch.as_tensor(np.asarray(window), dtype=torch.long, device=device))
             carry = model.initial_carry(batch)
             first_halt = torch.full((batch["inputs"].shape[0],), M, device=device)
-            for segment in range(1, M + 1):
-                with autocast_context(device, amp_dtype):
+            with autocast_context(device, amp_dtype):  # one context: the weights are cast once for M segments
+                for segment in range(1, M + 1):
                     carry, outputs = model(carry, batch)
-                wants_halt = (outputs["q_halt_logits"] > outputs["q_continue_logits"]) & (first_halt == M)
-                first_halt = torch.where(wants_halt, torch.full_like(first_halt, segment), first_halt)
+                    wants_halt = (outputs["q_halt_logits"] > outputs["q_continue_logits"]) & (first_halt == M)
+                    first_halt = torch.where(wants_halt, torch.full_like(first_halt, segment), first_halt)
             labels = batch["labels"]
             logits = outputs["logits"].float()
             mask = labels != IGNORE_LABEL_ID

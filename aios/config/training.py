@@ -174,6 +174,9 @@ class TrainingConfig(BaseModel):
         "bf16", "Autocast dtype with --amp: bf16 (CPU and CUDA) or fp16 with a GradScaler (CUDA only).", "Memory"
     )
     use_8bit_optimizer: bool = setting(False, "8-bit optimizer states (bitsandbytes, CUDA).", "Memory")
+    compile: bool = setting(
+        False, "torch.compile each ACT segment (the reference's default); falls back to eager, loudly, where it "
+        "cannot compile.", "Memory")
 
     # ---- Distributed ----------------------------------------------------------------------------------
     ddp: bool = setting(False, "Data-parallel training over several workers.", "Distributed")
