@@ -156,6 +156,8 @@ class Trainer:
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         self.model = HRMACTv1(model_config_for(config, vocab_size), gradient_checkpointing=config.gradient_checkpointing,
                               use_flash_attn=config.use_flash_attn).to(self.device)
+        if config.compile:
+            self.model.compile_segments()  # compiled on first use; eager, with a warning, where it cannot
         torch.manual_seed(config.seed + self.rank)
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]

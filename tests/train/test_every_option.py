@@ -59,6 +59,7 @@ CHECKED_BY = {
     "gradient_checkpointing": f"{HERE}::test_runtime_flags_reach_the_model",
     "use_flash_attn": f"{HERE}::test_runtime_flags_reach_the_model",
     "amp": f"{HERE}::test_amp_sets_the_autocast_dtype_really_used",
+    "compile": f"{HERE}::test_compile_compiles_the_trainer_s_segments",
     "amp_dtype": "tests.train.test_options::test_amp_bf16_trains_on_cpu_and_fp16_falls_back_loudly",
     "use_8bit_optimizer": "tests.train.test_optim::test_optimizer_choice_and_loud_8bit_fallback",
     **{name: "tests.config.test_training_config::test_unavailable_features_are_named_not_ignored" for name in (
@@ -221,3 +222,21 @@ def test_data_flags_reach_the_prepared_data(make_config, tmp_path):
     lines_start = records(result.bundle / "metrics.jsonl", "start")[0]
     doc_start = records(document.bundle / "metrics.jsonl", "start")[0]
     assert doc_start["train_sequences"] != lines_start["train_sequences"]  # one EOS per file, not per line
+
+
+def test_compile_compiles_the_trainer_s_segments(make_config, tmp_path):
+    """The wiring; that compiled segments train like eager ones is tests/models (compiling costs seconds)."""
+    from aios.models.hrm_act_v1 import CompiledOrEager
+    from aios.train.loop import Trainer
+    from aios.train.session import LocalSession
+
+    def trainer(compile: bool) -> Trainer:
+        config = make_config(compile=compile, brain_name=f"compile-{compile}")
+        session = LocalSession(tmp_path / str(compile), device=torch.device("cpu"), keep_checkpoints=1,
+                               resume=False)
+        return Trainer(config, session)
+
+    compiled, eager = trainer(True), trainer(False)
+    assert isinstance(compiled.model.inner.forward, CompiledOrEager)
+    assert isinstance(compiled.model.inner.q_logits, CompiledOrEager)
+    assert not isinstance(eager.model.inner.forward, CompiledOrEager)

@@ -285,7 +285,8 @@ def test_accumulation_1x8_equals_2x4(make_config):
     assert na == pytest.approx(nb, rel=1e-4)  # the same scale, not only the same direction
     for step_a, step_b in zip(grads_one.grads, grads_two.grads, strict=True):
         for ga, gb in zip(step_a, step_b, strict=True):
-            torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-7)
+            # float32 sums in another order: close relative to the tensor's scale (a 2x scale error is far off)
+            torch.testing.assert_close(ga, gb, rtol=1e-3, atol=1e-4 * float(ga.abs().max()))
     wa, wb = weights(one.bundle), weights(two.bundle)
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-5)
