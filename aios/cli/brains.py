@@ -117,7 +117,7 @@ def summary_tables(name: str, info: dict) -> list[Table]:
     progress = _fields_table("data progress", [
         ("epoch", _text(tracker.get("epoch"))),
         ("chunks completed", _of(tracker.get("chunks_completed"), tracker.get("total_chunks"))),
-        ("sequences consumed", _of(tracker.get("sequences_consumed"), tracker.get("total_train_sequences"))),
+        ("sequences consumed", _passes(tracker.get("sequences_consumed"), tracker.get("total_train_sequences"))),
         ("updated", _text(tracker.get("updated"))),
     ])
     checkpoints = Table("checkpoint", "status", title="checkpoints", title_justify="left")
@@ -163,6 +163,15 @@ def _pair(first: Any, second: Any) -> str:
 
 def _of(done: Any, total: Any) -> str:
     return MISSING if done is None else f"{_count(done)} of {_count(total)}"
+
+
+def _passes(consumed: Any, per_epoch: Any) -> str:
+    """Sequences drawn over all epochs, and how many passes over the training data that is."""
+    if consumed is None:
+        return MISSING
+    if not isinstance(per_epoch, int) or isinstance(per_epoch, bool) or per_epoch <= 0:
+        return _count(consumed)
+    return f"{_count(consumed)} ({consumed / per_epoch:.2f} passes over {_count(per_epoch)})"
 
 
 def _eval_loss(last_eval: dict) -> str:

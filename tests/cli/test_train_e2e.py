@@ -103,7 +103,9 @@ def test_brains_show_prints_a_summary_of_the_json(trained):
     assert rows["layers H / L"] == f"{config['H_layers']} / {config['L_layers']}"
     assert rows["M (halt max steps)"] == str(config["halt_max_steps"]) and rows["MoE"] == "off"
     tracker = info["chunk_tracker_state"]
-    assert rows["sequences consumed"] == f"{tracker['sequences_consumed']:,} of {tracker['total_train_sequences']:,}"
+    passes = tracker["sequences_consumed"] / tracker["total_train_sequences"]
+    assert rows["sequences consumed"] == (f"{tracker['sequences_consumed']:,} ({passes:.2f} passes over "
+                                          f"{tracker['total_train_sequences']:,})")
     assert "step-000003" in text and "complete" in text
 
 
