@@ -79,7 +79,7 @@ from aios.data import PreparedDataset
 from aios.inference import autocast_context
 from aios.models import hrm_act_v1 as hrm
 from aios.models.hrm_act_v1 import HRMACTv1, HRMACTv1Config, act_loss, shift_labels
-from aios.train.loop import Trainer, model_config_for
+from aios.train.loop import Trainer, model_config_for, prepare_training_data
 from aios.train.optim import BETAS, build_optimizer
 from aios.train.session import LocalSession
 
@@ -358,12 +358,9 @@ def trainer_step(trainer: Trainer) -> None:
 
 def prepared_dataset(config: TrainingConfig) -> PreparedDataset:
     """The Trainer's prepared training data (from the cache it made), without building a Trainer."""
-    from aios.data import prepare_dataset
     from aios.tokenizers import load_tokenizer
 
-    return prepare_dataset(config.dataset_file, load_tokenizer(config.model), config.model,
-                           max_seq_len=config.max_seq_len, chunk_size=config.dataset_chunk_size,
-                           cache_dir=config.data_cache_dir, text_mode=config.text_mode, holdout_fraction=0.05)
+    return prepare_training_data(config, load_tokenizer(config.model))[0]
 
 
 def build_variants(shape: str, work_dir: Path, tokenizer: Path, reference: Path | None,

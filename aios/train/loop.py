@@ -130,6 +130,32 @@ class _SavePoint:
     rng: dict
 
 
+def prepare_training_data(cfg: TrainingConfig, tokenizer, *, progress: bool = False
+                          ) -> tuple[PreparedDataset, PreparedDataset]:
+    """The training data and the evaluation data of a run (the same dataset without --eval-file).
+
+    The training data always holds out its last HOLDOUT_FRACTION, so that adding or removing --eval-file
+    leaves its fingerprint, and so `--resume`, unchanged; with --eval-file evaluation reads that file
+    instead (refused when it is part of the training data) and the tail goes unused.
+    """
+    options = PrepareOptions(max_seq_len=cfg.max_seq_len, chunk_size=cfg.dataset_chunk_size,
+                             text_mode=cfg.text_mode, text_field=cfg.text_field, ascii_only=cfg.ascii_only,
+                             holdout_fraction=HOLDOUT_FRACTION)
+    common = dict(cache_dir=cfg.data_cache_dir, progress=progress)
+    train = evaluation = prepare_dataset(cfg.dataset_file, tokenizer, cfg.model, options,
+                                         flags=flags.TRAIN, **common)
+    if cfg.eval_file:
+        try:
+            evaluation = prepare_dataset(cfg.eval_file, tokenizer, cfg.model,
+                                         dataclasses.replace(options, holdout_fraction=0.0),
+                                         flags=flags.TRAIN.for_source("--eval-file"), disjoint_from=train,
+                                         **common)
+        except AiosError as exc:
+            raise AiosError(f"--eval-file: {exc}") from None
+    warn_unused_options(options, [train] if evaluation is train else [train, evaluation], flags.TRAIN)
+    return train, evaluation
+
+
 class Trainer:
     def __init__(self, config: TrainingConfig, session: Session, callbacks: TrainCallbacks | None = None):
         self.config = config
@@ -187,29 +213,7 @@ class Trainer:
 
     # -- setup ------------------------------------------------------------------------------------------
     def _prepare_data(self) -> tuple[PreparedDataset, PreparedDataset]:
-        """The training data and the evaluation data (the same dataset without --eval-file).
-
-        The training data always holds out its last HOLDOUT_FRACTION, so that adding or removing --eval-file
-        leaves its fingerprint, and so `--resume`, unchanged; with --eval-file evaluation reads that file
-        instead (refused when it is part of the training data) and the tail goes unused.
-        """
-        cfg = self.config
-        options = PrepareOptions(max_seq_len=cfg.max_seq_len, chunk_size=cfg.dataset_chunk_size,
-                                 text_mode=cfg.text_mode, text_field=cfg.text_field, ascii_only=cfg.ascii_only,
-                                 holdout_fraction=HOLDOUT_FRACTION)
-        common = dict(cache_dir=cfg.data_cache_dir, progress=cfg.progress and self.is_main)
-        train = evaluation = prepare_dataset(cfg.dataset_file, self.tokenizer, cfg.model, options,
-                                             flags=flags.TRAIN, **common)
-        if cfg.eval_file:
-            try:
-                evaluation = prepare_dataset(cfg.eval_file, self.tokenizer, cfg.model,
-                                             dataclasses.replace(options, holdout_fraction=0.0),
-                                             flags=flags.TRAIN.for_source("--eval-file"), disjoint_from=train,
-                                             **common)
-            except AiosError as exc:
-                raise AiosError(f"--eval-file: {exc}") from None
-        warn_unused_options(options, [train] if evaluation is train else [train, evaluation], flags.TRAIN)
-        return train, evaluation
+        return prepare_training_data(self.config, self.tokenizer, progress=self.config.progress and self.is_main)
 
     def _new_sampler(self) -> ChunkSampler:
         return ChunkSampler(self.dataset, seed=self.config.seed, micro_batch=self.micro_batch,
