@@ -120,6 +120,91 @@ def test_rotary_equals_the_rotate_half_form_forward_and_backward(dtype):
     torch.testing.assert_close(our_grad, ref_grad)
 
 
+# --- attention: an explicit score matrix for bf16 on CPU, torch's kernel elsewhere --------------------------
+
+
+def plain_attention(q, k, v, window, rows=None):
+    """softmax(q k^T / sqrt(hd) + mask) v by the textbook formula, in q's dtype."""
+    S = k.shape[-2]
+    scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+    if window is not None:
+        i, j = torch.arange(S)[:, None], torch.arange(S)[None, :]
+        allowed = (j <= i) & (j > i - window)
+        scores = scores.masked_fill(~(allowed if rows is None else allowed[rows]), float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+@pytest.mark.parametrize("window, rows", [
+    (None, None),  # non-causal (the reference)
+    (10, None),  # causal
+    (4, None),  # causal sliding window
+    (10, slice(-1, None)),  # the Q-head's position alone, causal
+    (4, slice(-1, None)),
+    (None, slice(0, 1)),  # the reference's Q-head position, non-causal
+])
+def test_bf16_cpu_attention_is_the_formula_as_close_as_torchs_kernel(window, rows):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (2 * torch.randn(2, 3, 10, 16, generator=g) for _ in range(3))
+    q = q if rows is None else q[:, :, rows]
+    low = [t.bfloat16() for t in (q, k, v)]
+    ours, our_grads = grads(lambda *t: hrm.attention(*t, window, rows), *low)
+    kernel, kernel_grads = grads(lambda *t: plain_kernel(*t, window, rows), *low)
+    truth, true_grads = grads(lambda *t: plain_attention(*t, window, rows), *(t.double() for t in low),
+                              weights_dtype=torch.bfloat16)
+    assert ours.dtype == torch.bfloat16 and all(grad.dtype == torch.bfloat16 for grad in our_grads)
+    # the formula to bf16 accuracy, and within a small factor of torch's own kernel's error
+    torch.testing.assert_close(ours.double(), truth, rtol=0.02, atol=0.02)
+    assert (ours.double() - truth).abs().max() <= 2 * (kernel.double() - truth).abs().max() + 1e-2
+    for mine, theirs, true in zip(our_grads, kernel_grads, true_grads, strict=True):
+        torch.testing.assert_close(mine.double(), true, rtol=0.03, atol=0.03)
+        assert (mine.double() - true).abs().max() <= 2 * (theirs.double() - true).abs().max() + 1e-2
+
+
+def plain_kernel(q, k, v, window, rows):
+    """torch's scaled_dot_product_attention with the same mask."""
+    S = k.shape[-2]
+    if window is None:
+        return F.scaled_dot_product_attention(q, k, v)
+    mask = hrm.sliding_window_mask(S, window, "cpu")
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask if rows is None else mask[rows])
+
+
+@pytest.mark.parametrize("dtype, length, scores", [
+    (torch.bfloat16, hrm.SCORES_ATTENTION_MAX_LEN, True),
+    (torch.bfloat16, hrm.SCORES_ATTENTION_MAX_LEN + 1, False),  # longer: torch's flash kernel tiles better
+    (torch.float32, 16, False),  # float32: torch's kernel is as fast
+])
+def test_attention_takes_the_score_matrix_only_for_short_bf16_cpu_sequences(dtype, length, scores, monkeypatch):
+    calls = []
+    original = hrm._ScoresAttention.apply
+    monkeypatch.setattr(hrm._ScoresAttention, "apply", lambda *a: calls.append(1) or original(*a))
+    q = k = v = torch.randn(1, 1, length, 8, dtype=dtype)
+    out = hrm.attention(q, k, v, length)
+    torch.testing.assert_close(out, plain_attention(q, k, v, length), rtol=0.02, atol=0.02)
+    assert bool(calls) == scores
+
+
+def test_bf16_model_matches_its_float64_self_through_score_attention(monkeypatch):
+    """A whole segment under bf16 autocast stays as close to float64 as with torch's attention kernel."""
+    torch.manual_seed(0)
+    config = hrm.HRMACTv1Config(vocab_size=50, seq_len=12, hidden_size=32, num_heads=4, expansion=2.0,
+                                H_layers=1, L_layers=1, halt_max_steps=2, window_size=6)
+    inner = hrm.HRMACTv1(config).inner
+    inputs = torch.randint(0, 50, (3, 12))
+    z = torch.randn(3, 12, 32)
+
+    def logits(max_len):
+        monkeypatch.setattr(hrm, "SCORES_ATTENTION_MAX_LEN", max_len)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return inner(z, z, inputs)[2].double()
+
+    ours, kernel = logits(hrm.SCORES_ATTENTION_MAX_LEN), logits(0)
+    with torch.no_grad():
+        truth = inner.double()(z.double(), z.double(), inputs)[2]
+    assert (ours - truth).abs().max() <= 2 * (kernel - truth).abs().max() + 1e-2
+    assert not torch.equal(ours, kernel)  # the two paths really differ
+
+
 # --- the softmax loss: chunked, with its argmax -------------------------------------------------------------
 
 
