@@ -189,6 +189,15 @@ class TrainingConfig(BaseModel):
     parallel_independent: bool = setting(False, "Train independent model copies in parallel.", "Distributed")
     device: Literal["auto", "cpu", "cuda"] = setting("auto", "Where to train; auto = cuda when available.",
                                                      "Distributed")
+    launcher: Literal["local", "ray"] = setting(
+        "local", "local = train in this process; ray = a Ray Train job (TorchTrainer) on the cluster of "
+        "--ray-address, or on an embedded local Ray cluster.", "Distributed")
+    ray_address: str | None = setting(
+        None, "Ray cluster to run on with --launcher ray (e.g. ray://head:10001 or auto); default: $RAY_ADDRESS, "
+        "else an embedded local cluster.", "Distributed", min_length=1)
+    max_failures: int = setting(
+        0, "With --launcher ray: worker failures (an exception, a killed process) Ray recovers from by "
+        "restarting the workers from the newest checkpoint.", "Distributed", ge=0)
 
     # ---- Storage / Bundle -----------------------------------------------------------------------------
     bundle_dir: str = setting(DEFAULT_BUNDLE_DIR, "Directory that holds brain bundles.", "Storage",
@@ -310,6 +319,11 @@ class TrainingConfig(BaseModel):
                         f"{flag_name(name)} has no effect without --use-moe; add --use-moe or drop {flag_name(name)}",
                         name,
                     )
+        if self.launcher != "ray":
+            for name in ("ray_address", "max_failures"):
+                if getattr(self, name) != type(self).model_fields[name].default:
+                    raise _setting_error(f"{flag_name(name)} has no effect with --launcher {self.launcher}; add "
+                                         f"--launcher ray or drop {flag_name(name)}", name)
         if self.amp is False and self.amp_dtype != type(self).model_fields["amp_dtype"].default:
             raise _setting_error("--amp-dtype has no effect with --no-amp; add --amp or drop --amp-dtype", "amp_dtype")
         return self

@@ -1,7 +1,8 @@
 """Training: the worker loop, its session, checkpoints and optimizers.
 
-`launch(config)` runs one training job in this process (the `LocalSession`); the Ray job runs the same
-`train_worker` on every worker.
+`launch(config)` checks what the run needs, then runs one training job: in this process (the
+`LocalSession`, `--launcher local`) or as a Ray Train job whose workers run the same `Trainer`
+(`aios.cluster`, `--launcher ray`).
 """
 
 from __future__ import annotations
@@ -52,19 +53,26 @@ def launch(config: TrainingConfig, callbacks=None):
     _check_stop_file(config.stop_file)
     device = resolve_device(config.device)
     created = _check_output_paths(config, bundle.root, resuming=has_work)
-    session = LocalSession(checkpoints, device=device, keep_checkpoints=config.keep_checkpoints,
-                           resume=config.resume, stop_file=config.stop_file, require_checkpoint=has_work)
     try:
+        if config.launcher == "ray":
+            if callbacks is not None:
+                raise ValueError("training callbacks run in this process: use launcher 'local' with them")
+            from aios.cluster import run_on_ray
+
+            with bundle.lock():
+                remove_leftovers(checkpoints)
+                return run_on_ray(config, bundle, require_checkpoint=has_work)
+        session = LocalSession(checkpoints, device=device, keep_checkpoints=config.keep_checkpoints,
+                               resume=config.resume, stop_file=config.stop_file, require_checkpoint=has_work)
         with bundle.lock(), session.handle_signals():  # SIGTERM from here on: a clean exit (see LocalSession)
             remove_leftovers(checkpoints)
             try:
-                result = Trainer(config, session, callbacks).run()
+                return Trainer(config, session, callbacks).run()
             finally:
                 session.close()
                 session.consume_stop_file()  # one that appeared during the run, whether or not it stopped it
     finally:
         _remove_if_empty(created)  # a run refused before it wrote anything leaves no trace
-    return result
 
 
 def already_reached_message(config: TrainingConfig, step: int) -> str:

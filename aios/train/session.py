@@ -69,6 +69,27 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+def restore_newest(checkpoints_dir: Path, load: Callable[[Path], None], *, require: bool) -> Path | None:
+    """`load` the newest usable checkpoint in `checkpoints_dir` and return it (None when there is none).
+
+    A checkpoint that fails verification or that `load` finds unusable is set aside and the previous one is
+    tried; with `require` (the bundle holds trained work) finding none at all refuses the resume."""
+    for candidate in reversed(list_checkpoints(checkpoints_dir)):
+        problem = verify_checkpoint(candidate)
+        if problem is None:
+            try:
+                load(candidate)
+                return candidate
+            except CheckpointUnusable as exc:
+                problem = f"it cannot be loaded ({exc})"
+        log.warning("skipping checkpoint %s: %s; trying the previous one", candidate, problem)
+        set_aside(candidate, "invalid")
+    if require:
+        raise AiosError(f"--resume: no intact checkpoint in {checkpoints_dir} (invalid ones were moved aside as "
+                        f"step-N.invalid-*): repair one, or train a new --brain-name")
+    return None
+
+
 class LocalSession:
     """One process, rank 0 of 1. Checkpoints go to `<bundle>/checkpoints/step-N`."""
 
@@ -145,20 +166,7 @@ class LocalSession:
     def restore(self, load: Callable[[Path], None]) -> Path | None:
         if not self.resume:
             return None
-        for candidate in reversed(list_checkpoints(self.checkpoints_dir)):
-            problem = verify_checkpoint(candidate)
-            if problem is None:
-                try:
-                    load(candidate)
-                    return candidate
-                except CheckpointUnusable as exc:
-                    problem = f"it cannot be loaded ({exc})"
-            log.warning("skipping checkpoint %s: %s; trying the previous one", candidate, problem)
-            set_aside(candidate, "invalid")
-        if self.require_checkpoint:
-            raise AiosError(f"--resume: no intact checkpoint in {self.checkpoints_dir} (invalid ones were moved "
-                            f"aside as step-N.invalid-*): repair one, or train a new --brain-name")
-        return None
+        return restore_newest(self.checkpoints_dir, load, require=self.require_checkpoint)
 
     def staging_dir(self, step: int) -> Path:
         if self._staging_root is None:  # beside the checkpoints, so publishing is a rename

@@ -65,6 +65,9 @@ CHECKED_BY = {
     **{name: "tests.config.test_training_config::test_unavailable_features_are_named_not_ignored" for name in (
         "ddp", "cuda_ids", "world_size", "zero_stage", "expert_id", "parallel_independent")},
     "device": "tests.train.test_options::test_device_cuda_without_cuda_is_refused",
+    "launcher": "tests.cluster.test_ray_job::test_world_size_1_on_ray_trains_what_the_local_launcher_trains",
+    "ray_address": "tests.cluster.test_ray_job::test_an_address_where_no_cluster_listens_is_one_line_and_writes_nothing",
+    "max_failures": "tests.cluster.test_ray_job::test_a_failed_worker_is_restarted_from_the_newest_checkpoint_to_the_same_weights",
     "bundle_dir": "tests.train.test_loop::test_a_run_writes_a_complete_bundle_and_metrics",
     "brain_name": "tests.train.test_loop::test_a_run_writes_a_complete_bundle_and_metrics",
 }

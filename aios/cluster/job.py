@@ -1,0 +1,231 @@
+"""The driver side of the Ray Train job, and the function every worker runs.
+
+Storage: `RunConfig(storage_path=<bundle>, name="checkpoints")`, so Ray's run directory is the bundle's
+checkpoints/ folder and its checkpoints are the `step-N` directories `LocalSession` writes (plus Ray's own
+run snapshot files). Rerunning the same command resumes from them, as Ray Train V2 does for a run name.
+
+Cluster: `--ray-address` (or $RAY_ADDRESS) attaches to a running cluster; without either, an embedded local
+cluster is started for the run and shut down after it. A process that has already called `ray.init` (a
+test, a notebook) keeps its connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+
+import ray
+import torch
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from aios.bundle import BrainBundle
+from aios.cluster import faults
+from aios.cluster.session import JobChannel, RaySession
+from aios.config import TrainingConfig
+from aios.errors import AiosError
+from aios.train.loop import Trainer, TrainResult
+
+log = logging.getLogger(__name__)
+
+RUN_NAME = "checkpoints"  # the Ray run's directory under the bundle: <bundle>/checkpoints
+
+
+def run_on_ray(config: TrainingConfig, bundle: BrainBundle, *, require_checkpoint: bool) -> TrainResult:
+    """Train `config` as a Ray Train job (TorchTrainer, config.world_size workers); returns rank 0's result."""
+    started_here = _connect(config)
+    data = None
+    try:
+        workers = config.world_size or 1
+        cpus = _cpus_per_worker(workers)
+        channel = JobChannel.remote()
+        trainer = TorchTrainer(
+            _train_worker,
+            train_loop_config={
+                "config": config.to_dict(), "cwd": os.getcwd(), "threads": cpus, "channel": channel,
+                "require_checkpoint": require_checkpoint, "log_level": logging.getLogger().getEffectiveLevel(),
+            },
+            scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": cpus},
+                                         use_gpu=_use_gpu(config)),
+            run_config=RunConfig(
+                name=RUN_NAME, storage_path=str(bundle.root.resolve()),
+                checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
+                failure_config=FailureConfig(max_failures=config.max_failures),
+                worker_runtime_env={"env_vars": faults.forwarded_env()},
+                logging_config=LoggingConfig(log_level="WARNING"),  # not every report's metrics
+            ),
+        )
+        with _stop_on_signals(channel):
+            error = _fit_off_the_main_thread(trainer)
+        if error is not None:
+            user_error = _user_error(error)
+            if user_error is error:
+                raise error
+            raise user_error from None
+        data = ray.get(channel.get_result.remote())
+    finally:
+        if started_here:
+            ray.shutdown()
+        _consume_stop_file(config.stop_file)
+    if data is None:
+        raise AiosError("the Ray job ended without a result from its workers; see the log above")
+    return TrainResult(step=data["step"], reason=data["reason"], final_eval=data["final_eval"],
+                       bundle=Path(data["bundle"]), unigram_entropy=data["unigram_entropy"],
+                       trained_steps=data["trained_steps"], plot=Path(data["plot"]) if data["plot"] else None)
+
+
+def _fit_off_the_main_thread(trainer: TorchTrainer) -> BaseException | None:
+    """`trainer.fit()` in a thread, returning what it raised. Off the main thread Ray does not install its own
+    SIGINT handler (which aborts the run without a checkpoint), so Ctrl-C stops the run as SIGTERM does; the
+    main thread waits in short joins, so that it runs the signal handlers at once."""
+    raised: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            raised.append(exc)
+
+    thread = threading.Thread(target=fit, name="aios-ray-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    return raised[0] if raised else None
+
+
+def _connect(config: TrainingConfig) -> bool:
+    """Attach to the configured cluster or start an embedded one; True when this call started it."""
+    if ray.is_initialized():
+        return False
+    address = config.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        flag = "--ray-address" if config.ray_address else "RAY_ADDRESS"
+        _check_reachable(address, flag)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise AiosError(f"{flag} {address}: cannot connect to a Ray cluster there ({exc}); start one "
+                            f"(ray start --head) or drop {flag} for an embedded local cluster") from None
+        log.info("attached to the Ray cluster at %s", address)
+        return False
+    context = ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=True,
+                       logging_level=logging.WARNING)
+    log.info("started an embedded local Ray cluster (%s CPUs, session %s)", os.cpu_count(),
+             getattr(context, "address_info", {}).get("session_dir", "?"))
+    return True
+
+
+def _check_reachable(address: str, flag: str, timeout_s: float = 5.0) -> None:
+    """Refuse at once an address where nothing listens (ray.init would retry it for minutes)."""
+    if address == "auto" or address.startswith("local"):
+        return
+    host_port = address.split("://", 1)[-1].rsplit("/", 1)[0]
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit():
+        raise AiosError(f"{flag} {address}: expected HOST:PORT (the head's GCS port, e.g. 10.0.0.5:6379) or "
+                        f"ray://HOST:PORT (Ray Client, e.g. ray://10.0.0.5:10001)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise AiosError(f"{flag} {address}: nothing answers there ({exc.strerror or exc}); start the cluster "
+                        f"(ray start --head) or fix the address") from None
+
+
+def _use_gpu(config: TrainingConfig) -> bool:
+    """--device cuda, or auto on a cluster that has GPUs: one GPU per worker."""
+    return config.device == "cuda" or (config.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+
+
+def _cpus_per_worker(workers: int) -> int:
+    total = int(ray.cluster_resources().get("CPU", 1))
+    return max(1, total // workers)
+
+
+@contextlib.contextmanager
+def _stop_on_signals(channel):
+    """SIGTERM/SIGINT during the job: the workers stop after their current step, checkpoint and end (the
+    first signal); a second one acts as usual."""
+    previous = {}
+
+    def on_signal(signum, _frame):
+        name = signal.Signals(signum).name
+        log.warning("%s received: the workers finish their current step, checkpoint and stop (send it again "
+                    "to stop at once)", name)
+        channel.request_stop.remote(name)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            previous[sig] = signal.signal(sig, on_signal)
+        except ValueError:  # not the main thread
+            pass
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _user_error(exc: BaseException) -> BaseException:
+    """The AiosError a worker raised (its one line), found inside Ray's wrapping; else the error itself."""
+    seen, stack = set(), [exc]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, AiosError):
+            return AiosError(str(current).splitlines()[0] if str(current) else type(current).__name__)
+        stack.extend(e for e in (current.__cause__, current.__context__, getattr(current, "cause", None)) if e)
+        failures = getattr(current, "worker_failures", None)
+        if isinstance(failures, dict):
+            stack.extend(failures.values())
+    return exc
+
+
+def _consume_stop_file(stop_file: str | None) -> None:
+    """As LocalSession.consume_stop_file: the launcher checked it did not exist at start."""
+    if stop_file and os.path.lexists(stop_file) and not (os.path.isdir(stop_file) and not os.path.islink(stop_file)):
+        os.unlink(stop_file)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The worker
+
+
+def _train_worker(loop_config: dict) -> None:
+    """What each TorchTrainer worker runs: the Trainer with a RaySession; rank 0 hands back the result."""
+    if os.path.isdir(loop_config["cwd"]):  # the driver's relative paths mean the same here (same machine)
+        os.chdir(loop_config["cwd"])
+    logging.basicConfig(level=loop_config["log_level"], format="%(message)s", stream=sys.stderr, force=True)
+    torch.set_num_threads(loop_config["threads"])
+    config = TrainingConfig.from_dict(loop_config["config"], check_paths=False)
+    bundle = BrainBundle.for_run(config.bundle_dir, config.brain_name)
+    channel = loop_config["channel"]
+    session = RaySession(bundle.checkpoints_dir, device=_worker_device(config), stop_file=config.stop_file,
+                         channel=channel, require_checkpoint=loop_config["require_checkpoint"])
+    try:
+        result = Trainer(config, session, faults.callbacks_from_env()).run()
+    finally:
+        session.close()
+    if session.rank == 0:
+        ray.get(channel.set_result.remote({
+            "step": result.step, "reason": result.reason, "final_eval": result.final_eval,
+            "bundle": str(result.bundle), "unigram_entropy": result.unigram_entropy,
+            "trained_steps": result.trained_steps, "plot": str(result.plot) if result.plot else None,
+        }))
+
+
+def _worker_device(config: TrainingConfig) -> torch.device:
+    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    return torch.device("cpu")

@@ -1,0 +1,116 @@
+"""`RaySession`: the worker loop's Session (aios/train/session.py) inside a Ray Train worker.
+
+Checkpoints are staged in a local temporary directory and handed to `ray.train.report`, which copies them
+to the run's storage as `<bundle>/checkpoints/step-N` (`checkpoint_dir_name`), the same layout as
+`LocalSession`'s, sealed by the same COMPLETE file. A restart (after a worker failure, or a rerun of the
+job) resumes from the newest complete checkpoint found there, not from the one Ray's run snapshot names:
+a killed worker can make Ray forget the last one reported.
+
+A stop is requested by the stop file or by the driver (`JobChannel`, set on SIGTERM/SIGINT of the driver);
+the worker asks once per step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import ray
+import ray.train
+import torch
+
+from aios.atomic import fsync_tree
+from aios.train.checkpoint import step_dir_name
+from aios.train.session import restore_newest
+
+log = logging.getLogger(__name__)
+
+REPORTED = ("step", "loss", "lm_loss", "token_accuracy", "tokens_per_s")  # what Ray keeps of each report
+
+
+@ray.remote(num_cpus=0)
+class JobChannel:
+    """Between the driver and the workers, wherever they run: the driver's stop request (set on its
+    SIGTERM/SIGINT, read by the workers once per step) and rank 0's result of the run."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.result: dict | None = None
+
+    def request_stop(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+
+    def stop_reason(self) -> str | None:
+        return self.reason
+
+    def set_result(self, result: dict) -> None:
+        self.result = result
+
+    def get_result(self) -> dict | None:
+        return self.result
+
+
+class RaySession:
+    def __init__(self, checkpoints_dir: Path, *, device: torch.device, stop_file: str | None, channel,
+                 require_checkpoint: bool):
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.local_rank = context.get_local_rank()
+        self.device = device
+        self.checkpoints_dir = Path(checkpoints_dir)
+        self.stop_file = Path(stop_file) if stop_file else None
+        self.channel = channel
+        self.require_checkpoint = require_checkpoint
+        self._reason: str | None = None
+        self._staging_root: Path | None = None
+
+    def restore(self, load: Callable[[Path], None]) -> Path | None:
+        # Always: before this job trained, the launcher refused a bundle with trained work unless --resume,
+        # so a checkpoint found by a fresh run is this job's own, from an attempt that failed.
+        return restore_newest(self.checkpoints_dir, load, require=self.require_checkpoint)
+
+    def staging_dir(self, step: int) -> Path:
+        if self._staging_root is None:
+            self._staging_root = Path(tempfile.mkdtemp(prefix="aios-checkpoint-"))
+        path = self._staging_root / step_dir_name(step)
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+        return path
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> Path | None:
+        metrics = {key: metrics[key] for key in REPORTED if key in metrics}  # the rest is in metrics.jsonl
+        if checkpoint_dir is None:
+            ray.train.report(metrics)
+            return None
+        name = step_dir_name(int(metrics["step"]))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)),
+                         checkpoint_dir_name=name)
+        published = self.checkpoints_dir / name
+        if self.rank == 0 and published.is_dir():  # Ray copied it; make the copy durable
+            fsync_tree(published)
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        return published
+
+    def enter_loop(self) -> None:
+        pass  # a driver's SIGTERM reaches the workers only as the stop flag, read in the loop
+
+    def stop_requested(self) -> bool:
+        if self._reason is None:
+            if self.stop_file and os.path.lexists(self.stop_file):
+                self._reason = f"stop file {self.stop_file}"
+            elif self.channel is not None:
+                self._reason = ray.get(self.channel.stop_reason.remote())
+        return self._reason is not None
+
+    def stop_reason(self) -> str:
+        return self._reason or ""
+
+    def close(self) -> None:
+        if self._staging_root is not None:
+            shutil.rmtree(self._staging_root, ignore_errors=True)

@@ -1,0 +1,151 @@
+"""`--launcher ray`: the Trainer as a Ray Train job (TorchTrainer) on a real local Ray cluster.
+
+At world size 1 the job must train exactly what the in-process launcher trains, and recover from a failed
+worker (an exception, a SIGKILLed process) to the very same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from aios.errors import AiosError
+from aios.train import launch
+from aios.train.checkpoint import list_checkpoints
+
+pytestmark = pytest.mark.timeout(300)  # a hang fails the test instead of stalling CI
+
+
+def weights(root: Path) -> dict[str, torch.Tensor]:
+    return load_file(root / "model.safetensors")
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+
+
+def steps_logged(bundle: Path) -> list[int]:
+    return [r["step"] for r in map(json.loads, (bundle / "metrics.jsonl").read_text().splitlines())
+            if r["event"] == "step"]
+
+
+@pytest.fixture
+def config(make_config):
+    # exploration makes the RNG matter; halt_max_steps 3 leaves rows mid-sample at the checkpoints (carries)
+    return make_config(steps=8, checkpoint_every=3, halt_exploration_prob=0.5)
+
+
+@pytest.fixture
+def local_run(config):
+    return launch(config.replace(brain_name="local"))
+
+
+def test_world_size_1_on_ray_trains_what_the_local_launcher_trains(ray_cluster, config, local_run):
+    result = launch(config.replace(brain_name="on-ray", launcher="ray"))
+    assert (result.reason, result.step, result.trained_steps) == ("steps", 8, 8)
+    assert result.final_eval["loss"] == local_run.final_eval["loss"]
+    assert_same_weights(local_run.bundle, result.bundle)
+    # Ray's run directory is the bundle's checkpoints/: the same step-N layout as the local launcher's
+    assert [p.name for p in list_checkpoints(result.bundle / "checkpoints")] == [
+        p.name for p in list_checkpoints(local_run.bundle / "checkpoints")] == ["step-000003", "step-000006",
+                                                                                 "step-000008"]
+    assert steps_logged(result.bundle) == list(range(1, 9))
+    assert (result.bundle / "training_curves.png").is_file()
+
+
+@pytest.mark.parametrize("fault", ["raise", "sigkill"])
+def test_a_failed_worker_is_restarted_from_the_newest_checkpoint_to_the_same_weights(
+        ray_cluster, config, local_run, tmp_path, monkeypatch, fault):
+    once = tmp_path / f"fault-{fault}-fired"
+    monkeypatch.setenv("AIOS_TEST_FAULT", f"{fault}:5")  # after step 5: the checkpoint of step 3 is the newest
+    monkeypatch.setenv("AIOS_TEST_FAULT_ONCE", str(once))
+    result = launch(config.replace(brain_name=f"fault-{fault}", launcher="ray", max_failures=1))
+    assert once.exists()  # the fault really fired
+    assert (result.reason, result.step) == ("steps", 8)
+    assert result.trained_steps == 5  # the restarted attempt trained steps 4..8
+    assert_same_weights(local_run.bundle, result.bundle)
+    assert steps_logged(result.bundle) == list(range(1, 9))  # steps 4 and 5 of the failed attempt dropped
+
+
+def test_without_max_failures_a_failed_worker_fails_the_job_in_one_line(ray_cluster, config, tmp_path, monkeypatch):
+    monkeypatch.setenv("AIOS_TEST_FAULT", "raise:2")
+    monkeypatch.setenv("AIOS_TEST_FAULT_ONCE", str(tmp_path / "fired"))
+    with pytest.raises(Exception, match="injected failure after step 2"):
+        launch(config.replace(brain_name="fails", launcher="ray"))
+
+
+def test_a_worker_refusal_reaches_the_user_as_its_one_line(ray_cluster, config, local_run, small_text, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text(small_text.read_text()[::-1])
+    with pytest.raises(AiosError) as info:
+        launch(config.replace(brain_name="local", launcher="ray", resume=True, steps=10, dataset_file=str(other)))
+    # the Trainer's own refusal, as the local launcher gives it, not Ray's wrapping of it
+    assert "\n" not in str(info.value) and "trained on other data" in str(info.value)
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "aios.cli.main", *args]
+
+
+def tiny_flags(config) -> list[str]:
+    return [arg for arg in config.to_cli_args() if arg != "--no-progress"] + ["--no-progress"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_driver_stops_the_workers_after_a_step_with_a_checkpoint(config, tmp_path, signum):
+    """Through the CLI, on the embedded local cluster the run starts itself (this test's module cluster is
+    another process's business): the driver's SIGTERM reaches the worker, which checkpoints and ends."""
+    run = config.replace(brain_name="signalled", launcher="ray", steps=100_000, checkpoint_every=0, iterate=True)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    driver = subprocess.Popen(cli("hrm-hf", "train-actv1", *tiny_flags(run)), env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    metrics = Path(run.bundle_dir) / "signalled" / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while not (metrics.exists() and len(steps_logged_safe(metrics)) >= 3):
+        assert driver.poll() is None, driver.communicate()[0]
+        assert time.monotonic() < deadline, "the job never started training"
+        time.sleep(0.5)
+    driver.send_signal(signum)
+    output, _ = driver.communicate(timeout=120)
+    assert driver.returncode == 0, output
+    assert "embedded local Ray cluster" in output
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    stop = [r for r in records if r["event"] == "stop"]
+    assert len(stop) == 1 and stop[0]["reason"] == signal.Signals(signum).name
+    end = records[-1]
+    assert end["event"] == "end" and end["reason"] == "stop"
+    checkpoints = list_checkpoints(metrics.parent / "checkpoints")
+    assert [p.name for p in checkpoints] == [f"step-{end['step']:06d}"]  # the stop step, saved
+
+
+def steps_logged_safe(path: Path) -> list[dict]:
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a line being written
+            pass
+    return [r for r in rows if r.get("event") == "step"]
+
+
+def test_an_address_where_no_cluster_listens_is_one_line_and_writes_nothing(config, tmp_path):
+    run = config.replace(brain_name="nowhere", launcher="ray", ray_address="127.0.0.1:1")
+    done = subprocess.run(cli("hrm-hf", "train-actv1", *tiny_flags(run)), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: --ray-address 127.0.0.1:1: nothing answers there (Connection refused); start the cluster "
+        "(ray start --head) or fix the address"]
+    assert not (Path(run.bundle_dir) / "nowhere").exists()
