@@ -240,7 +240,8 @@ def test_to_cli_args_round_trips_every_field(corpus):
         "log_file": "m.jsonl", "checkpoint_every": 0, "keep_checkpoints": 1, "progress": False,
         "gradient_checkpointing": False, "amp": False, "use_8bit_optimizer": True, "compile": True, "ddp": True,
         "cuda_ids": "2,3", "world_size": 2, "zero_stage": "zero3", "expert_id": "e1",
-        "parallel_independent": True, "device": "cuda", "bundle_dir": "out/brains", "brain_name": "all-fields",
+        "parallel_independent": True, "device": "cuda", "launcher": "ray", "ray_address": "10.0.0.5:6379",
+        "max_failures": 2, "bundle_dir": "out/brains", "brain_name": "all-fields",
     }
     # --amp-dtype means nothing with --no-amp (and is refused then): it gets a config of its own below.
     assert sorted(everything) == sorted(set(TrainingConfig.model_fields) - {"amp_dtype"})
