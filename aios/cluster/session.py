@@ -40,6 +40,12 @@ class JobChannel:
     def __init__(self) -> None:
         self.reason: str | None = None
         self.result: dict | None = None
+        self.attempts = 0
+
+    def attempt_started(self) -> int:
+        """Called by rank 0 as a worker group starts: how many attempts this job has made, this one included."""
+        self.attempts += 1
+        return self.attempts
 
     def request_stop(self, reason: str) -> None:
         if self.reason is None:
@@ -69,6 +75,8 @@ class RaySession:
         self.require_checkpoint = require_checkpoint
         self._reason: str | None = None
         self._staging_root: Path | None = None
+        # Worker groups this job started before this one: Ray restarts after a failure (--max-failures).
+        self.restarts = ray.get(channel.attempt_started.remote()) - 1 if channel is not None and self.rank == 0 else 0
 
     def restore(self, load: Callable[[Path], None]) -> Path | None:
         # Always: before this job trained, the launcher refused a bundle with trained work unless --resume,
@@ -110,6 +118,10 @@ class RaySession:
 
     def stop_reason(self) -> str:
         return self._reason or ""
+
+    def run_info(self) -> dict:
+        return {"launcher": "ray", "world_size": self.world_size, "ray_version": ray.__version__,
+                "ray_storage": str(self.checkpoints_dir), "ray_restarts": self.restarts}
 
     def close(self) -> None:
         if self._staging_root is not None:

@@ -553,7 +553,7 @@ class Trainer:
                       "eval": {"source": cfg.eval_file or "held-out tail of the training data",
                                "fingerprint": self.eval_dataset.fingerprint}},
             parameters=self.model.num_parameters(), last_metrics=last_metrics, last_eval=self.last_eval,
-            unigram_entropy=self.unigram_entropy,
+            unigram_entropy=self.unigram_entropy, run=self.session.run_info(),
         )
 
     # -- the run ------------------------------------------------------------------------------------------

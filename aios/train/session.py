@@ -60,6 +60,9 @@ class Session(Protocol):
     def stop_reason(self) -> str:
         """Why the stop was requested (for the metrics log)."""
 
+    def run_info(self) -> dict:
+        """How this run is executed, for metadata.json: launcher, world size and the launcher's own facts."""
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
@@ -151,6 +154,9 @@ class LocalSession:
         if self.signal_received:
             return self.signal_received
         return f"stop file {self.stop_file}"
+
+    def run_info(self) -> dict:
+        return {"launcher": "local", "world_size": 1}
 
     def consume_stop_file(self) -> None:
         """Remove the stop file that stopped this run, so that `--resume` does not stop at once. It did not

@@ -15,9 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 from safetensors.torch import load_file
 
+from aios.bundle import BrainBundle
 from aios.errors import AiosError
 from aios.train import launch
 from aios.train.checkpoint import list_checkpoints
@@ -63,6 +65,9 @@ def test_world_size_1_on_ray_trains_what_the_local_launcher_trains(ray_cluster, 
                                                                                  "step-000008"]
     assert steps_logged(result.bundle) == list(range(1, 9))
     assert (result.bundle / "training_curves.png").is_file()
+    assert BrainBundle(result.bundle).metadata()["run"] == {
+        "launcher": "ray", "world_size": 1, "ray_version": ray.__version__,
+        "ray_storage": str(result.bundle / "checkpoints"), "ray_restarts": 0}
 
 
 @pytest.mark.parametrize("fault", ["raise", "sigkill"])
@@ -77,6 +82,7 @@ def test_a_failed_worker_is_restarted_from_the_newest_checkpoint_to_the_same_wei
     assert result.trained_steps == 5  # the restarted attempt trained steps 4..8
     assert_same_weights(local_run.bundle, result.bundle)
     assert steps_logged(result.bundle) == list(range(1, 9))  # steps 4 and 5 of the failed attempt dropped
+    assert BrainBundle(result.bundle).metadata()["run"]["ray_restarts"] == 1
 
 
 def test_without_max_failures_a_failed_worker_fails_the_job_in_one_line(ray_cluster, config, tmp_path, monkeypatch):

@@ -55,6 +55,7 @@ def test_a_run_writes_a_complete_bundle_and_metrics(make_config):
     assert verify_checkpoint(root / "checkpoints" / "step-000006") is None
     assert result.plot == root / "training_curves.png"  # drawn at the end of the run
     assert result.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert BrainBundle(root).metadata()["run"] == {"launcher": "local", "world_size": 1}
 
     steps = records(root / "metrics.jsonl", "step")
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
