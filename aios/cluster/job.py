@@ -108,17 +108,27 @@ def _connect(config: TrainingConfig) -> bool:
         flag = "--ray-address" if config.ray_address else "RAY_ADDRESS"
         _check_reachable(address, flag)
         try:
-            ray.init(address=address, log_to_driver=True)
+            context = ray.init(address=address, log_to_driver=True)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise AiosError(f"{flag} {address}: cannot connect to a Ray cluster there ({exc}); start one "
                             f"(ray start --head) or drop {flag} for an embedded local cluster") from None
         log.info("attached to the Ray cluster at %s", address)
+        _log_dashboard(context)
         return False
-    context = ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=True,
+    # The dashboard listens on 127.0.0.1 only: an embedded cluster is this machine's business.
+    context = ray.init(num_cpus=os.cpu_count() or 1, dashboard_host="127.0.0.1", log_to_driver=True,
                        logging_level=logging.WARNING)
-    log.info("started an embedded local Ray cluster (%s CPUs, session %s)", os.cpu_count(),
-             getattr(context, "address_info", {}).get("session_dir", "?"))
+    log.info("started an embedded local Ray cluster (%s CPUs)", os.cpu_count())
+    _log_dashboard(context)
     return True
+
+
+def _log_dashboard(context) -> None:
+    url = getattr(context, "dashboard_url", None)
+    if url:
+        log.info("Ray dashboard: http://%s", url)  # a line of its own: a wrapped URL cannot be clicked
+    else:
+        log.info("no Ray dashboard on this cluster (it needs ray[default])")
 
 
 def _check_reachable(address: str, flag: str, timeout_s: float = 5.0) -> None:

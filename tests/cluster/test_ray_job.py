@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -115,16 +117,24 @@ def test_a_signal_to_the_driver_stops_the_workers_after_a_step_with_a_checkpoint
     another process's business): the driver's SIGTERM reaches the worker, which checkpoints and ends."""
     run = config.replace(brain_name="signalled", launcher="ray", steps=100_000, checkpoint_every=0, iterate=True)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    driver = subprocess.Popen(cli("hrm-hf", "train-actv1", *tiny_flags(run)), env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log = tmp_path / "driver.log"
+    with open(log, "w") as out:
+        driver = subprocess.Popen(cli("hrm-hf", "train-actv1", *tiny_flags(run)), env=env, text=True, stdout=out,
+                                  stderr=subprocess.STDOUT)
     metrics = Path(run.bundle_dir) / "signalled" / "metrics.jsonl"
     deadline = time.monotonic() + 180
     while not (metrics.exists() and len(steps_logged_safe(metrics)) >= 3):
-        assert driver.poll() is None, driver.communicate()[0]
+        assert driver.poll() is None, log.read_text()
         assert time.monotonic() < deadline, "the job never started training"
         time.sleep(0.5)
+    # While it trains, the dashboard the log names answers on 127.0.0.1.
+    dashboard = re.search(r"Ray dashboard: (http://127\.0\.0\.1:\d+)", log.read_text())
+    assert dashboard, log.read_text()
+    with urllib.request.urlopen(dashboard.group(1) + "/api/version", timeout=30) as response:
+        assert response.status == 200 and "ray_version" in json.loads(response.read())
     driver.send_signal(signum)
-    output, _ = driver.communicate(timeout=120)
+    driver.wait(timeout=120)
+    output = log.read_text()
     assert driver.returncode == 0, output
     assert "embedded local Ray cluster" in output
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
