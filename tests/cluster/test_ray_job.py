@@ -132,6 +132,9 @@ def test_a_signal_to_the_driver_stops_the_workers_after_a_step_with_a_checkpoint
     assert dashboard, log.read_text()
     with urllib.request.urlopen(dashboard.group(1) + "/api/version", timeout=30) as response:
         assert response.status == 200 and "ray_version" in json.loads(response.read())
+    with urllib.request.urlopen(dashboard.group(1) + "/api/v0/actors?limit=100", timeout=30) as response:
+        actors = response.read().decode()
+    assert "TrainController" in actors and "RayTrainWorker" in actors  # the job's actors are shown
     driver.send_signal(signum)
     driver.wait(timeout=120)
     output = log.read_text()
