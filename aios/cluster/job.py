@@ -39,6 +39,7 @@ RUN_NAME = "checkpoints"  # the Ray run's directory under the bundle: <bundle>/c
 
 def run_on_ray(config: TrainingConfig, bundle: BrainBundle, *, require_checkpoint: bool) -> TrainResult:
     """Train `config` as a Ray Train job (TorchTrainer, config.world_size workers); returns rank 0's result."""
+    _prepare_data(config)
     started_here = _connect(config)
     data = None
     try:
@@ -78,6 +79,16 @@ def run_on_ray(config: TrainingConfig, bundle: BrainBundle, *, require_checkpoin
     return TrainResult(step=data["step"], reason=data["reason"], final_eval=data["final_eval"],
                        bundle=Path(data["bundle"]), unigram_entropy=data["unigram_entropy"],
                        trained_steps=data["trained_steps"], plot=Path(data["plot"]) if data["plot"] else None)
+
+
+def _prepare_data(config: TrainingConfig) -> None:
+    """Tokenize the data once, here, before any cluster starts: bad data is refused in one line at once, and
+    the workers open the prepared chunks from the cache (its unigram entropy computed and stored in it)."""
+    from aios.tokenizers import load_tokenizer
+    from aios.train.loop import prepare_training_data
+
+    train, _ = prepare_training_data(config, load_tokenizer(config.model), progress=config.progress)
+    train.unigram_entropy()
 
 
 def _fit_off_the_main_thread(trainer: TorchTrainer) -> BaseException | None:

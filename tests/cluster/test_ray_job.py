@@ -168,3 +168,16 @@ def test_an_address_where_no_cluster_listens_is_one_line_and_writes_nothing(conf
         "error: --ray-address 127.0.0.1:1: nothing answers there (Connection refused); start the cluster "
         "(ray start --head) or fix the address"]
     assert not (Path(run.bundle_dir) / "nowhere").exists()
+
+
+def test_data_that_cannot_be_prepared_is_refused_before_any_cluster_starts(config, tmp_path, monkeypatch):
+    short = tmp_path / "short.txt"
+    short.write_text("To be.\n")
+    run = config.replace(brain_name="short", dataset_file=str(short))
+    with pytest.raises(AiosError) as local:
+        launch(run)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("a Ray cluster was started for bad data"))
+    with pytest.raises(AiosError) as on_ray:
+        launch(run.replace(launcher="ray"))
+    assert str(on_ray.value) == str(local.value) and "fewer than one window" in str(local.value)
+    assert not (Path(run.bundle_dir) / "short").exists()
