@@ -22,56 +22,50 @@ from pathlib import Path
 
 import ray
 import torch
-from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from aios.bundle import BrainBundle
 from aios.cluster import faults
 from aios.cluster.session import JobChannel, RaySession
 from aios.config import TrainingConfig
-from aios.errors import AiosError
+from aios.errors import AiosError, Terminated
 from aios.train.loop import Trainer, TrainResult
 
 log = logging.getLogger(__name__)
 
 RUN_NAME = "checkpoints"  # the Ray run's directory under the bundle: <bundle>/checkpoints
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray's record of a run's checkpoints, in that directory
+NODE_ID_LABEL = "ray.io/node-id"  # the label every Ray node carries with its node id
 
 
 def run_on_ray(config: TrainingConfig, bundle: BrainBundle, *, require_checkpoint: bool) -> TrainResult:
-    """Train `config` as a Ray Train job (TorchTrainer, config.world_size workers); returns rank 0's result."""
+    """Train `config` as a Ray Train job (TorchTrainer, config.world_size workers); returns rank 0's result.
+
+    Called with the bundle locked. A refusal by a worker (an AiosError) comes back through the JobChannel and
+    is raised here as it is, not retried by Ray; other worker failures are Ray's to retry (--max-failures)."""
+    address, flag = _address(config)
+    if address and not ray.is_initialized():
+        _check_reachable(address, flag)  # first: it costs nothing, preparing the data may take a while
     _prepare_data(config)
-    started_here = _connect(config)
-    data = None
+    _forget_ray_snapshot(bundle)
+    was_connected = ray.is_initialized()
+    channel: list = []  # the JobChannel, once the cluster is up
     try:
-        workers = config.world_size or 1
-        cpus = _cpus_per_worker(workers)
-        channel = JobChannel.remote()
-        trainer = TorchTrainer(
-            _train_worker,
-            train_loop_config={
-                "config": config.to_dict(), "cwd": os.getcwd(), "threads": cpus, "channel": channel,
-                "require_checkpoint": require_checkpoint, "log_level": logging.getLogger().getEffectiveLevel(),
-            },
-            scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": cpus},
-                                         use_gpu=_use_gpu(config)),
-            run_config=RunConfig(
-                name=RUN_NAME, storage_path=str(bundle.root.resolve()),
-                checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
-                failure_config=FailureConfig(max_failures=config.max_failures),
-                worker_runtime_env={"env_vars": faults.forwarded_env()},
-                logging_config=LoggingConfig(log_level="WARNING"),  # not every report's metrics
-            ),
-        )
-        with _stop_on_signals(channel):
+        with _stop_on_signals(channel):  # while the cluster starts: a signal stops the setup
+            _connect(config)
+            channel.append(JobChannel.remote())
+            trainer = _torch_trainer(config, bundle, channel[0], require_checkpoint=require_checkpoint)
+        with _stop_on_signals(channel):  # again: ray.init installs handlers of its own (SIGTERM: exit at once)
             error = _fit_off_the_main_thread(trainer)
+        refusal = ray.get(channel[0].get_error.remote())
+        if refusal is not None:
+            raise AiosError(refusal)
         if error is not None:
-            user_error = _user_error(error)
-            if user_error is error:
-                raise error
-            raise user_error from None
-        data = ray.get(channel.get_result.remote())
+            raise error
+        data = ray.get(channel[0].get_result.remote())
     finally:
-        if started_here:
+        if not was_connected and ray.is_initialized():
             ray.shutdown()
         _consume_stop_file(config.stop_file)
     if data is None:
@@ -79,6 +73,45 @@ def run_on_ray(config: TrainingConfig, bundle: BrainBundle, *, require_checkpoin
     return TrainResult(step=data["step"], reason=data["reason"], final_eval=data["final_eval"],
                        bundle=Path(data["bundle"]), unigram_entropy=data["unigram_entropy"],
                        trained_steps=data["trained_steps"], plot=Path(data["plot"]) if data["plot"] else None)
+
+
+def _torch_trainer(config: TrainingConfig, bundle: BrainBundle, channel, *, require_checkpoint: bool) -> TorchTrainer:
+    workers = config.world_size or 1
+    node_id, node_cpus = _driver_node()
+    cpus = max(1, node_cpus // workers)
+    return TorchTrainer(
+        _train_worker,
+        train_loop_config={
+            "config": config.to_dict(), "cwd": os.getcwd(), "threads": cpus, "channel": channel,
+            "require_checkpoint": require_checkpoint, "log_level": logging.getLogger().getEffectiveLevel(),
+        },
+        # On the driver's node: the bundle and the prepared data are on its disk (remote storage is issue 8).
+        scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": cpus},
+                                     use_gpu=_use_gpu(config), label_selector={NODE_ID_LABEL: node_id}),
+        run_config=RunConfig(
+            name=RUN_NAME, storage_path=str(bundle.root.resolve()),
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            worker_runtime_env={"env_vars": faults.forwarded_env()},
+            logging_config=LoggingConfig(log_level="WARNING"),  # not every report's metrics
+        ),
+    )
+
+
+def _forget_ray_snapshot(bundle: BrainBundle) -> None:
+    """Remove Ray's record of the previous job's checkpoints. aios resumes from what is on disk (the newest
+    intact step-N), and prunes and sets aside checkpoints itself, so the record goes stale; a Ray controller
+    that finds a listed checkpoint missing refuses to start."""
+    (bundle.checkpoints_dir / RAY_SNAPSHOT).unlink(missing_ok=True)
+
+
+def _driver_node() -> tuple[str, int]:
+    """The Ray node this process runs on, and its CPUs."""
+    node_id = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node.get("NodeID") == node_id:
+            return node_id, int(node.get("Resources", {}).get("CPU", 1))
+    raise AiosError("this process is not on a node of the Ray cluster it attached to (a Ray Client connection?): "
+                    "run aios on a node of the cluster, e.g. the head, until remote storage lands")
 
 
 def _prepare_data(config: TrainingConfig) -> None:
@@ -110,14 +143,12 @@ def _fit_off_the_main_thread(trainer: TorchTrainer) -> BaseException | None:
     return raised[0] if raised else None
 
 
-def _connect(config: TrainingConfig) -> bool:
-    """Attach to the configured cluster or start an embedded one; True when this call started it."""
+def _connect(config: TrainingConfig) -> None:
+    """Attach to the configured cluster or start an embedded one (a process already connected stays so)."""
     if ray.is_initialized():
-        return False
-    address = config.ray_address or os.environ.get("RAY_ADDRESS")
+        return
+    address, flag = _address(config)
     if address:
-        flag = "--ray-address" if config.ray_address else "RAY_ADDRESS"
-        _check_reachable(address, flag)
         try:
             context = ray.init(address=address, log_to_driver=True)
         except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -125,13 +156,12 @@ def _connect(config: TrainingConfig) -> bool:
                             f"(ray start --head) or drop {flag} for an embedded local cluster") from None
         log.info("attached to the Ray cluster at %s", address)
         _log_dashboard(context)
-        return False
+        return
     # The dashboard listens on 127.0.0.1 only: an embedded cluster is this machine's business.
     context = ray.init(num_cpus=os.cpu_count() or 1, dashboard_host="127.0.0.1", log_to_driver=True,
                        logging_level=logging.WARNING)
     log.info("started an embedded local Ray cluster (%s CPUs)", os.cpu_count())
     _log_dashboard(context)
-    return True
 
 
 def _log_dashboard(context) -> None:
@@ -140,6 +170,13 @@ def _log_dashboard(context) -> None:
         log.info("Ray dashboard: http://%s", url)  # a line of its own: a wrapped URL cannot be clicked
     else:
         log.info("no Ray dashboard on this cluster (it needs ray[default])")
+
+
+def _address(config: TrainingConfig) -> tuple[str | None, str]:
+    """The cluster to attach to (None: start an embedded one), and where the address came from."""
+    if config.ray_address:
+        return config.ray_address, "--ray-address"
+    return os.environ.get("RAY_ADDRESS") or None, "RAY_ADDRESS"
 
 
 def _check_reachable(address: str, flag: str, timeout_s: float = 5.0) -> None:
@@ -163,22 +200,22 @@ def _use_gpu(config: TrainingConfig) -> bool:
     return config.device == "cuda" or (config.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
 
 
-def _cpus_per_worker(workers: int) -> int:
-    total = int(ray.cluster_resources().get("CPU", 1))
-    return max(1, total // workers)
-
-
 @contextlib.contextmanager
-def _stop_on_signals(channel):
-    """SIGTERM/SIGINT during the job: the workers stop after their current step, checkpoint and end (the
-    first signal); a second one acts as usual."""
+def _stop_on_signals(channel: list):
+    """SIGTERM/SIGINT: before the job's channel exists (the cluster is starting), the setup stops at once
+    (Terminated / KeyboardInterrupt, as in-process); after, the workers stop after their current step,
+    checkpoint and end (the first signal), and a second one acts as usual."""
     previous = {}
 
     def on_signal(signum, _frame):
         name = signal.Signals(signum).name
+        if not channel:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise Terminated(name)
         log.warning("%s received: the workers finish their current step, checkpoint and stop (send it again "
                     "to stop at once)", name)
-        channel.request_stop.remote(name)
+        channel[0].request_stop.remote(name)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
@@ -192,23 +229,6 @@ def _stop_on_signals(channel):
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def _user_error(exc: BaseException) -> BaseException:
-    """The AiosError a worker raised (its one line), found inside Ray's wrapping; else the error itself."""
-    seen, stack = set(), [exc]
-    while stack:
-        current = stack.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, AiosError):
-            return AiosError(str(current).splitlines()[0] if str(current) else type(current).__name__)
-        stack.extend(e for e in (current.__cause__, current.__context__, getattr(current, "cause", None)) if e)
-        failures = getattr(current, "worker_failures", None)
-        if isinstance(failures, dict):
-            stack.extend(failures.values())
-    return exc
 
 
 def _consume_stop_file(stop_file: str | None) -> None:
@@ -230,10 +250,14 @@ def _train_worker(loop_config: dict) -> None:
     config = TrainingConfig.from_dict(loop_config["config"], check_paths=False)
     bundle = BrainBundle.for_run(config.bundle_dir, config.brain_name)
     channel = loop_config["channel"]
-    session = RaySession(bundle.checkpoints_dir, device=_worker_device(config), stop_file=config.stop_file,
-                         channel=channel, require_checkpoint=loop_config["require_checkpoint"])
+    session = RaySession(bundle.checkpoints_dir, device=_worker_device(config), keep_checkpoints=config.keep_checkpoints,
+                         stop_file=config.stop_file, channel=channel,
+                         require_checkpoint=loop_config["require_checkpoint"])
     try:
         result = Trainer(config, session, faults.callbacks_from_env()).run()
+    except AiosError as exc:  # a refusal: the same on every retry, so the driver raises it instead
+        ray.get(channel.set_error.remote(str(exc)))
+        return
     finally:
         session.close()
     if session.rank == 0:

@@ -1,8 +1,9 @@
 """`RaySession`: the worker loop's Session (aios/train/session.py) inside a Ray Train worker.
 
-Checkpoints are staged in a local temporary directory and handed to `ray.train.report`, which copies them
-to the run's storage as `<bundle>/checkpoints/step-N` (`checkpoint_dir_name`), the same layout as
-`LocalSession`'s, sealed by the same COMPLETE file. A restart (after a worker failure, or a rerun of the
+Checkpoints are staged beside the checkpoints and handed to `ray.train.report` with a
+`checkpoint_upload_fn` that publishes them the way `LocalSession` does (`publish_checkpoint`: an atomic
+rename into `<bundle>/checkpoints/step-N`, fsynced, then pruning to --keep-checkpoints intact ones), so Ray
+records a checkpoint only once it is durable, and Ray itself deletes none. A restart (after a worker failure, or a rerun of the
 job) resumes from the newest complete checkpoint found there, not from the one Ray's run snapshot names:
 a killed worker can make Ray forget the last one reported.
 
@@ -23,8 +24,7 @@ import ray
 import ray.train
 import torch
 
-from aios.atomic import fsync_tree
-from aios.train.checkpoint import step_dir_name
+from aios.train.checkpoint import STAGING_PREFIX, publish_checkpoint, step_dir_name
 from aios.train.session import restore_newest
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ class JobChannel:
     def __init__(self) -> None:
         self.reason: str | None = None
         self.result: dict | None = None
+        self.error: str | None = None
         self.attempts = 0
 
     def attempt_started(self) -> int:
@@ -57,23 +58,32 @@ class JobChannel:
     def set_result(self, result: dict) -> None:
         self.result = result
 
+    def set_error(self, message: str) -> None:
+        """A refusal by the worker (an AiosError): the driver raises it; Ray does not retry it."""
+        self.error = message
+
+    def get_error(self) -> str | None:
+        return self.error
+
     def get_result(self) -> dict | None:
         return self.result
 
 
 class RaySession:
-    def __init__(self, checkpoints_dir: Path, *, device: torch.device, stop_file: str | None, channel,
-                 require_checkpoint: bool):
+    def __init__(self, checkpoints_dir: Path, *, device: torch.device, keep_checkpoints: int, stop_file: str | None,
+                 channel, require_checkpoint: bool):
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
         self.local_rank = context.get_local_rank()
         self.device = device
         self.checkpoints_dir = Path(checkpoints_dir)
+        self.keep = keep_checkpoints
         self.stop_file = Path(stop_file) if stop_file else None
         self.channel = channel
         self.require_checkpoint = require_checkpoint
         self._reason: str | None = None
+        self._pending = None  # the question to the driver in flight (an ObjectRef)
         self._staging_root: Path | None = None
         # Worker groups this job started before this one: Ray restarts after a failure (--max-failures).
         self.restarts = ray.get(channel.attempt_started.remote()) - 1 if channel is not None and self.rank == 0 else 0
@@ -84,8 +94,9 @@ class RaySession:
         return restore_newest(self.checkpoints_dir, load, require=self.require_checkpoint)
 
     def staging_dir(self, step: int) -> Path:
-        if self._staging_root is None:
-            self._staging_root = Path(tempfile.mkdtemp(prefix="aios-checkpoint-"))
+        if self._staging_root is None:  # beside the checkpoints (removed at the next start if we are killed)
+            self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+            self._staging_root = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.checkpoints_dir))
         path = self._staging_root / step_dir_name(step)
         shutil.rmtree(path, ignore_errors=True)
         path.mkdir(parents=True)
@@ -96,14 +107,19 @@ class RaySession:
         if checkpoint_dir is None:
             ray.train.report(metrics)
             return None
-        name = step_dir_name(int(metrics["step"]))
+        step = int(metrics["step"])
+        published: list[Path] = []
+
+        def publish(checkpoint: ray.train.Checkpoint, _name: str) -> ray.train.Checkpoint:
+            # aios's own publication rather than Ray's copy: an atomic rename into checkpoints/step-N, fsynced,
+            # a repeated step swapped atomically, and pruning of intact checkpoints only, after that.
+            published.append(publish_checkpoint(Path(checkpoint.path), self.checkpoints_dir, step, self.keep))
+            return ray.train.Checkpoint(str(published[0]))
+
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)),
-                         checkpoint_dir_name=name)
-        published = self.checkpoints_dir / name
-        if self.rank == 0 and published.is_dir():  # Ray copied it; make the copy durable
-            fsync_tree(published)
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
-        return published
+                         checkpoint_dir_name=step_dir_name(step), checkpoint_upload_fn=publish,
+                         delete_local_checkpoint_after_upload=False)
+        return published[0]
 
     def enter_loop(self) -> None:
         pass  # a driver's SIGTERM reaches the workers only as the stop flag, read in the loop
@@ -113,8 +129,20 @@ class RaySession:
             if self.stop_file and os.path.lexists(self.stop_file):
                 self._reason = f"stop file {self.stop_file}"
             elif self.channel is not None:
-                self._reason = ray.get(self.channel.stop_reason.remote())
+                self._reason = self._driver_stop_reason()
         return self._reason is not None
+
+    def _driver_stop_reason(self) -> str | None:
+        """The driver's stop request, without waiting on it: each call collects the answer to the previous
+        call's question if it has arrived and asks again, so a step never blocks on the driver (a request
+        is seen one or two steps after it was made)."""
+        if self._pending is None:
+            self._pending = self.channel.stop_reason.remote()
+        ready, _ = ray.wait([self._pending], timeout=0)
+        if not ready:
+            return None
+        reason, self._pending = ray.get(self._pending), None
+        return reason
 
     def stop_reason(self) -> str:
         return self._reason or ""

@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -87,20 +88,50 @@ def test_a_failed_worker_is_restarted_from_the_newest_checkpoint_to_the_same_wei
     assert BrainBundle(result.bundle).metadata()["run"]["ray_restarts"] == 1
 
 
-def test_without_max_failures_a_failed_worker_fails_the_job_in_one_line(ray_cluster, config, tmp_path, monkeypatch):
+def test_without_max_failures_a_failed_worker_fails_the_job(ray_cluster, config, tmp_path, monkeypatch):
     monkeypatch.setenv("AIOS_TEST_FAULT", "raise:2")
     monkeypatch.setenv("AIOS_TEST_FAULT_ONCE", str(tmp_path / "fired"))
     with pytest.raises(Exception, match="injected failure after step 2"):
         launch(config.replace(brain_name="fails", launcher="ray"))
 
 
-def test_a_worker_refusal_reaches_the_user_as_its_one_line(ray_cluster, config, local_run, small_text, tmp_path):
+def worker_actors() -> int:
+    from ray.util.state import list_actors
+
+    return len(list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10_000))
+
+
+def test_a_worker_refusal_is_raised_as_it_is_and_not_retried(ray_cluster, config, local_run, small_text, tmp_path):
     other = tmp_path / "other.txt"
     other.write_text(small_text.read_text()[::-1])
-    with pytest.raises(AiosError) as info:
-        launch(config.replace(brain_name="local", launcher="ray", resume=True, steps=10, dataset_file=str(other)))
+    resume = config.replace(brain_name="local", resume=True, steps=10, dataset_file=str(other))
+    with pytest.raises(AiosError) as in_process:
+        launch(resume)
+    before = worker_actors()
+    with pytest.raises(AiosError) as on_ray:
+        launch(resume.replace(launcher="ray", max_failures=2))
     # the Trainer's own refusal, as the local launcher gives it, not Ray's wrapping of it
-    assert "\n" not in str(info.value) and "trained on other data" in str(info.value)
+    assert str(on_ray.value) == str(in_process.value) and "trained on other data" in str(on_ray.value)
+    assert worker_actors() - before == 1  # one worker: a refusal is the same on every retry
+
+
+def test_ray_prunes_nothing_itself_and_keeps_the_newest_intact_checkpoints(ray_cluster, config):
+    result = launch(config.replace(brain_name="keep", launcher="ray", checkpoint_every=2, keep_checkpoints=2))
+    checkpoints = result.bundle / "checkpoints"
+    assert [p.name for p in list_checkpoints(checkpoints)] == ["step-000006", "step-000008"]
+    assert not [p for p in checkpoints.iterdir() if p.name.startswith(".staging-")]  # staging cleaned
+
+
+def test_launchers_take_turns_on_one_brain_and_end_where_in_process_turns_end(ray_cluster, config):
+    """Ray to step 4, in-process to 6 (pruning what Ray's run snapshot lists), Ray again to 8: each attempt
+    resumes from the newest checkpoint on disk, and the weights are those of in-process turns 4, 6, 8."""
+    turns = config.replace(keep_checkpoints=1)
+    for name, launchers in (("in-process", ("local", "local", "local")), ("mixed", ("ray", "local", "ray"))):
+        for steps, launcher in zip((4, 6, 8), launchers, strict=True):
+            result = launch(turns.replace(brain_name=name, launcher=launcher, resume=steps > 4, steps=steps))
+            assert (result.step, result.trained_steps) == (steps, 2 if steps > 4 else 4)
+    assert_same_weights(result.bundle.parent / "in-process", result.bundle)
+    assert steps_logged(result.bundle) == list(range(1, 9))
 
 
 def cli(*args: str) -> list[str]:
@@ -181,3 +212,22 @@ def test_data_that_cannot_be_prepared_is_refused_before_any_cluster_starts(confi
         launch(run.replace(launcher="ray"))
     assert str(on_ray.value) == str(local.value) and "fewer than one window" in str(local.value)
     assert not (Path(run.bundle_dir) / "short").exists()
+
+
+def test_the_stop_file_stops_the_worker_and_is_removed(ray_cluster, config, tmp_path):
+    stop_file = tmp_path / "STOP"
+    run = config.replace(brain_name="stop-file", launcher="ray", steps=100_000, checkpoint_every=0, iterate=True,
+                         stop_file=str(stop_file))
+    metrics = Path(run.bundle_dir) / "stop-file" / "metrics.jsonl"
+
+    def stop_after_three_steps():
+        deadline = time.monotonic() + 180
+        while not (metrics.exists() and len(steps_logged_safe(metrics)) >= 3) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        stop_file.touch()
+
+    threading.Thread(target=stop_after_three_steps, daemon=True).start()
+    result = launch(run)
+    assert result.reason == "stop" and 3 <= result.step < 1000
+    assert not stop_file.exists()  # it appeared during the run: removed, so a --resume does not stop at once
+    assert [p.name for p in list_checkpoints(metrics.parent / "checkpoints")] == [f"step-{result.step:06d}"]
