@@ -114,9 +114,9 @@ class RaySession:
             # aios's own publication rather than Ray's copy: an atomic rename into checkpoints/step-N, fsynced,
             # a repeated step swapped atomically, and pruning of intact checkpoints only, after that.
             published.append(publish_checkpoint(Path(checkpoint.path), self.checkpoints_dir, step, self.keep))
-            return ray.train.Checkpoint(str(published[0]))
+            return ray.train.Checkpoint(str(published[0].absolute()))  # Ray reads a relative path as a bad URI
 
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir)),
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir.absolute())),
                          checkpoint_dir_name=step_dir_name(step), checkpoint_upload_fn=publish,
                          delete_local_checkpoint_after_upload=False)
         return published[0]

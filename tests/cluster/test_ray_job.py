@@ -231,3 +231,13 @@ def test_the_stop_file_stops_the_worker_and_is_removed(ray_cluster, config, tmp_
     assert result.reason == "stop" and 3 <= result.step < 1000
     assert not stop_file.exists()  # it appeared during the run: removed, so a --resume does not stop at once
     assert [p.name for p in list_checkpoints(metrics.parent / "checkpoints")] == [f"step-{result.step:06d}"]
+
+
+def test_relative_paths_mean_the_driver_s_working_directory(ray_cluster, config, tmp_path, monkeypatch):
+    """The default --bundle-dir (artifacts/brains/actv1) is relative: the worker works in the driver's
+    directory, and the checkpoints it hands to Ray are absolute paths (Ray reads a relative one as a URI)."""
+    monkeypatch.chdir(tmp_path)
+    result = launch(config.replace(brain_name="relative", launcher="ray", bundle_dir="brains", steps=4))
+    assert result.step == 4
+    assert [p.name for p in list_checkpoints(tmp_path / "brains" / "relative" / "checkpoints")] == [
+        "step-000003", "step-000004"]
