@@ -1,8 +1,9 @@
 """The driver side of the Ray Train job, and the function every worker runs.
 
 Storage: `RunConfig(storage_path=<bundle>, name="checkpoints")`, so Ray's run directory is the bundle's
-checkpoints/ folder and its checkpoints are the `step-N` directories `LocalSession` writes (plus Ray's own
-run snapshot files). Rerunning the same command resumes from them, as Ray Train V2 does for a run name.
+checkpoints/ folder and its checkpoints are the `step-N` directories `LocalSession` writes, published by
+aios (see RaySession.report). A rerun with --resume continues from the newest intact one on disk; Ray's own
+run snapshot there is removed at each start (aios prunes and sets aside checkpoints, so it goes stale).
 
 Cluster: `--ray-address` (or $RAY_ADDRESS) attaches to a running cluster; without either, an embedded local
 cluster is started for the run and shut down after it. A process that has already called `ray.init` (a
