@@ -32,6 +32,7 @@ from aios.cluster.session import JobChannel, RaySession
 from aios.config import TrainingConfig
 from aios.errors import AiosError, Terminated
 from aios.train.loop import Trainer, TrainResult
+from aios.train.session import consume_stop_file
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def run_on_ray(config: TrainingConfig, bundle: BrainBundle, *, require_checkpoin
     finally:
         if not was_connected and ray.is_initialized():
             ray.shutdown()
-        _consume_stop_file(config.stop_file)
+        consume_stop_file(config.stop_file)  # one that appeared during the run (the launcher checked)
     if data is None:
         raise AiosError("the Ray job ended without a result from its workers; see the log above")
     return TrainResult(step=data["step"], reason=data["reason"], final_eval=data["final_eval"],
@@ -230,12 +231,6 @@ def _stop_on_signals(channel: list):
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def _consume_stop_file(stop_file: str | None) -> None:
-    """As LocalSession.consume_stop_file: the launcher checked it did not exist at start."""
-    if stop_file and os.path.lexists(stop_file) and not (os.path.isdir(stop_file) and not os.path.islink(stop_file)):
-        os.unlink(stop_file)
 
 
 # ----------------------------------------------------------------------------------------------------

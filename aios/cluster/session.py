@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,8 +23,8 @@ import ray
 import ray.train
 import torch
 
-from aios.train.checkpoint import STAGING_PREFIX, publish_checkpoint, step_dir_name
-from aios.train.session import restore_newest
+from aios.train.checkpoint import publish_checkpoint, step_dir_name
+from aios.train.session import empty_step_dir, new_staging_root, restore_newest
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +93,9 @@ class RaySession:
         return restore_newest(self.checkpoints_dir, load, require=self.require_checkpoint)
 
     def staging_dir(self, step: int) -> Path:
-        if self._staging_root is None:  # beside the checkpoints (removed at the next start if we are killed)
-            self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
-            self._staging_root = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.checkpoints_dir))
-        path = self._staging_root / step_dir_name(step)
-        shutil.rmtree(path, ignore_errors=True)
-        path.mkdir(parents=True)
-        return path
+        if self._staging_root is None:
+            self._staging_root = new_staging_root(self.checkpoints_dir)
+        return empty_step_dir(self._staging_root, step)
 
     def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> Path | None:
         metrics = {key: metrics[key] for key in REPORTED if key in metrics}  # the rest is in metrics.jsonl

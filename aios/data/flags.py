@@ -53,17 +53,7 @@ TRAIN = DataFlags(
 )
 
 # `aios data prepare`.
-PREPARE = DataFlags(
-    source="--dataset-file",
-    max_seq_len="--max-seq-len",
-    chunk_size="--dataset-chunk-size",
-    text_mode="--text-mode",
-    text_field="--text-field",
-    ascii_only="--ascii-only",
-    holdout_fraction="--holdout-fraction",
-    cache_dir="--cache-dir",
-    tokenizer="--model",
-)
+PREPARE = replace(TRAIN, holdout_fraction="--holdout-fraction", cache_dir="--cache-dir")
 
 # `aios hrm-hf eval`: the sequence length is the model's, the tokenizer the bundle's.
 EVAL = DataFlags(

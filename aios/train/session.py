@@ -93,6 +93,32 @@ def restore_newest(checkpoints_dir: Path, load: Callable[[Path], None], *, requi
     return None
 
 
+def new_staging_root(checkpoints_dir: Path) -> Path:
+    """A fresh `.staging-*` directory beside the checkpoints (so publishing is a rename; removed at the next
+    start if the process is killed)."""
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=checkpoints_dir))
+
+
+def empty_step_dir(staging_root: Path, step: int) -> Path:
+    path = staging_root / step_dir_name(step)
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def consume_stop_file(stop_file: str | Path | None) -> None:
+    """Remove the stop file that stopped this run, so that `--resume` does not stop at once. It did not
+    exist when the run started (checked), so it is not a user's file; a directory is left alone."""
+    if not (stop_file and os.path.lexists(stop_file)):
+        return
+    stop_file = Path(stop_file)
+    if stop_file.is_dir() and not stop_file.is_symlink():
+        log.warning("--stop-file %s is a directory: left in place; remove it before --resume", stop_file)
+        return
+    stop_file.unlink()
+
+
 class LocalSession:
     """One process, rank 0 of 1. Checkpoints go to `<bundle>/checkpoints/step-N`."""
 
@@ -159,14 +185,7 @@ class LocalSession:
         return {"launcher": "local", "world_size": 1}
 
     def consume_stop_file(self) -> None:
-        """Remove the stop file that stopped this run, so that `--resume` does not stop at once. It did not
-        exist when the run started (checked), so it is not a user's file; a directory is left alone."""
-        if not (self.stop_file and os.path.lexists(self.stop_file)):
-            return
-        if self.stop_file.is_dir() and not self.stop_file.is_symlink():
-            log.warning("--stop-file %s is a directory: left in place; remove it before --resume", self.stop_file)
-            return
-        self.stop_file.unlink()
+        consume_stop_file(self.stop_file)
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def restore(self, load: Callable[[Path], None]) -> Path | None:
@@ -175,13 +194,9 @@ class LocalSession:
         return restore_newest(self.checkpoints_dir, load, require=self.require_checkpoint)
 
     def staging_dir(self, step: int) -> Path:
-        if self._staging_root is None:  # beside the checkpoints, so publishing is a rename
-            self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
-            self._staging_root = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.checkpoints_dir))
-        path = self._staging_root / step_dir_name(step)
-        shutil.rmtree(path, ignore_errors=True)
-        path.mkdir(parents=True)
-        return path
+        if self._staging_root is None:
+            self._staging_root = new_staging_root(self.checkpoints_dir)
+        return empty_step_dir(self._staging_root, step)
 
     def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> Path | None:
         if checkpoint_dir is None:

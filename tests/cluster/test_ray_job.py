@@ -19,26 +19,14 @@ from pathlib import Path
 
 import pytest
 import ray
-import torch
-from safetensors.torch import load_file
 
 from aios.bundle import BrainBundle
 from aios.errors import AiosError
 from aios.train import launch
 from aios.train.checkpoint import list_checkpoints
+from tests.train.test_loop import assert_same_weights
 
 pytestmark = pytest.mark.timeout(300)  # a hang fails the test instead of stalling CI
-
-
-def weights(root: Path) -> dict[str, torch.Tensor]:
-    return load_file(root / "model.safetensors")
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        assert torch.equal(wa[name], wb[name]), name
 
 
 def steps_logged(bundle: Path) -> list[int]:
