@@ -18,6 +18,7 @@ from aios.data import (
     prepare_dataset,
     warn_unused_options,
 )
+from aios.data.sampler import distinct_chunks_per_step
 from aios.tokenizers import load_tokenizer
 
 app = App(no_args_is_help=True, help="Prepare text datasets (tokenise once, pack, shard by chunk) and inspect them.")
@@ -93,8 +94,10 @@ def prepare(
 @app.command()
 def inspect(
     path: Annotated[Path, typer.Argument(help="A prepared dataset directory or its manifest.json.")],
+    global_batch: Annotated[int, typer.Option(min=1, help="Rows per optimizer step, for the mixing figure "
+                                                          "(--batch-size x accumulation x workers).")] = 16,
 ) -> None:
-    """Summarise a prepared dataset: tokenizer, sequence length, chunks, counts, sources."""
+    """Summarise a prepared dataset: tokenizer, sequence length, chunks, counts, sources, batch mixing."""
     dataset = PreparedDataset(path)
     m = dataset.manifest
     counts, tokenizer, options = m["counts"], m["tokenizer"], m["text_options"]
@@ -115,6 +118,9 @@ def inspect(
             f"{counts['samples_read']} read, {counts['samples_dropped_non_ascii']} dropped non-ASCII",
         ),
         ("text options", ", ".join(f"{k}={v}" for k, v in options.items())),
+        ("mixing", f"{distinct_chunks_per_step(dataset, global_batch):.1f} distinct chunks per global batch of "
+                   f"{global_batch} rows (at most {min(int((dataset.train_sizes() > 0).sum()), global_batch)}; "
+                   f"--global-batch)"),
     ]
     for name, value in rows:
         table.add_row(name, str(value))

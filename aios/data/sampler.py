@@ -1,27 +1,40 @@
-"""The chunk sampler: a deterministic, resumable, shardable order over the train sequences.
+"""The chunk sampler: a deterministic, resumable, sharded and well-mixed order over the train sequences.
+
+The contract (it supersedes the sampler section of DESIGN.md):
 
 Epoch order. The order of epoch e is a pure function of (seed, e, the manifest's chunk sizes): the chunk
 ids are permuted with `np.random.default_rng([seed, e])`, the sequences inside chunk c are shuffled with
 `np.random.default_rng([seed, e, c])`, and the chunks' train sequences are concatenated in permuted order.
 Only train sequences take part: a chunk cut by the held-out tail contributes its train part, held-out
-sequences never appear. Positions 0..num_train-1 index this order; it is computed lazily, one chunk at a
-time, so a rank opens only the chunk files its positions fall in.
+sequences never appear. Positions 0..N-1 (N = num_train) index this order; it is computed lazily, one chunk
+at a time, so a reader opens only the chunk files its positions fall in.
 
-Slots. A global step has G = micro_batch * grad_accum * world_size rows, the slots. Rank r's row `row` of
-micro-step m is slot s = (m * world_size + r) * micro_batch + row. The j-th draw of slot s in an epoch is
-position j * G + s. When every slot draws once per step, step j consumes exactly positions
-[j * G, (j + 1) * G) and rank r's micro-step m takes [j*G + (m*W + r)*b, j*G + (m*W + r + 1)*b): disjoint
-across ranks, together the global batch. The order depends only on G, so changing the world size (or the
-micro-batch / accumulation split) while keeping G keeps it.
+Partitions. A global step has G = micro_batch * grad_accum * world_size rows, the slots; G is fixed for the
+whole run (a resume must keep it), and so is the partition count, G. Slot s is partition s: it owns the
+contiguous stretch [start(s), start(s + 1)) of every epoch's order, start(s) = s * N // G, and reads it
+front to back, one sample each time its row halts (ACT streaming). The order of the samples each slot
+reads is therefore a pure function of (seed, epoch, dataset, G), whatever the world size or batch split.
 
-ACT streaming. Only halted rows take a new sample: `draw(slots)` draws for just those slots and advances
-only their counters. The state is one (epoch, draws) pair per slot this rank owns; the global state is the
-union over ranks (`merge_sampler_states`).
+Mixing. The G rows of one global step sit in G different stretches of the order, so they come from about
+min(chunks, G) distinct chunks, not from one contiguous stretch of the text.
 
-End of epoch. A slot whose next position j * G + s is >= num_train has finished the epoch. With
-`iterate=False`, `draw` then reports exhausted=True, draws nothing and moves no counter (end of data: the
-loop stops). With `iterate=True` that slot continues at once in epoch e + 1, at position s of the new order
-(epochs are per slot). Requires num_train >= G, so every slot has at least one position per epoch.
+Sharding. Rank r owns the contiguous block of slots [r * R, (r + 1) * R), R = micro_batch * grad_accum
+(row i of its micro-step m is slot r * R + m * micro_batch + i), so over an epoch it reads about 1/W of the
+order, and of the chunk files (plus at most one shared chunk at each end of its block). Changing the
+micro-batch split inside a rank (an OOM back-off) keeps every slot on its rank.
+
+Elastic resume. The state is one (epoch, draws) pair per slot; the global state is the union over ranks
+(`merge_sampler_states`), and any layout with the same G loads the slots it owns from it, so a run resumed
+with another world size at the same global batch continues the identical per-slot streams.
+
+End of epoch. A slot that has read its whole stretch has finished the epoch. With `iterate=False`, `draw`
+then reports exhausted=True, draws nothing and moves no counter (end of data: the loop stops). With
+`iterate=True` that slot continues at once in epoch e + 1, at the start of its stretch in the new order
+(epochs are per slot). Requires N >= G, so every stretch holds at least one sequence.
+
+Tracking. `sampler_progress` turns the states of all ranks into chunk_tracker_state.json: per epoch the
+chunks completed (every sequence read) and the chunks in progress with the partitions reading them, plus
+the merged state itself, from which a resume is exact.
 """
 
 from __future__ import annotations
@@ -33,8 +46,13 @@ import numpy as np
 from aios.data.dataset import PreparedDataset
 from aios.errors import AiosError
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 1: slot s read positions s, s + G, s + 2G, ... (every rank read every chunk)
 _INNER_ORDERS_CACHED = 64
+
+
+def partition_starts(num_train: int, partitions: int) -> np.ndarray:
+    """Where each partition's stretch of the epoch order begins, and (last entry) N: (partitions + 1,)."""
+    return np.arange(partitions + 1, dtype=np.int64) * num_train // partitions
 
 
 class EpochOrder:
@@ -60,11 +78,6 @@ class EpochOrder:
             within = positions[where] - self.starts[k]
             ids[where] = self.dataset.chunk_offsets[chunk] + self._inner_order(chunk)[within]
         return ids
-
-    def chunks_completed(self, cursor: int) -> int:
-        """Chunks (with train sequences) of this order whose positions all lie below `cursor`."""
-        nonempty = self.train_sizes[self.chunk_order] > 0
-        return int(np.count_nonzero(nonempty & (self.ends <= cursor)))
 
     def _inner_order(self, chunk: int) -> np.ndarray:
         order = self._inner.get(chunk)
@@ -109,15 +122,18 @@ class ChunkSampler:
                 f"{self.global_slots} (micro-batch x accumulation x world size): use more text, a smaller "
                 f"--max-seq-len or a smaller batch"
             )
+        self.rows_per_rank = micro_batch * grad_accum  # R
+        self.starts = partition_starts(self.num_train, self.global_slots)
+        self.sizes = np.diff(self.starts)  # sequences of each partition per epoch (N // G or one more)
         # This rank's slots, in local order (micro-step major): (grad_accum * micro_batch,)
-        self.slot_ids = np.concatenate([self.slots_for(m) for m in range(grad_accum)])
+        self.slot_ids = np.arange(rank * self.rows_per_rank, (rank + 1) * self.rows_per_rank, dtype=np.int64)
         self.epochs = np.zeros(len(self.slot_ids), dtype=np.int64)
         self.draws = np.zeros(len(self.slot_ids), dtype=np.int64)  # draws of each slot in its epoch
         self._orders: OrderedDict[int, EpochOrder] = OrderedDict()
 
     def slots_for(self, micro_step: int) -> np.ndarray:
         """Global slot ids of this rank's rows in `micro_step`: (micro_batch,)."""
-        first = (micro_step * self.world_size + self.rank) * self.micro_batch
+        first = self.rank * self.rows_per_rank + micro_step * self.micro_batch
         return np.arange(first, first + self.micro_batch, dtype=np.int64)
 
     def draw(self, slots: np.ndarray) -> tuple[np.ndarray, bool]:
@@ -128,14 +144,13 @@ class ChunkSampler:
         """
         slots = np.asarray(slots, dtype=np.int64).reshape(-1)
         local = self._local_index(slots)
-        positions = self.draws[local] * self.global_slots + slots
-        finished = positions >= self.num_train
+        finished = self.draws[local] >= self.sizes[slots]
         if finished.any():
             if not self.iterate:
                 return np.empty((0, self.dataset.window), dtype=np.int64), True
             self.epochs[local[finished]] += 1
             self.draws[local[finished]] = 0
-            positions[finished] = slots[finished]
+        positions = self.starts[slots] + self.draws[local]
         ids = np.empty_like(positions)
         epochs = self.epochs[local]
         for epoch in np.unique(epochs):
@@ -197,17 +212,10 @@ class ChunkSampler:
         return sampler_progress(self.dataset, self.seed, [self.state_dict()])
 
     def _local_index(self, slots: np.ndarray) -> np.ndarray:
-        per_step = self.world_size * self.micro_batch
-        micro_step, within = np.divmod(slots, per_step)
-        rank, row = np.divmod(within, self.micro_batch)
-        if (
-            np.any(slots < 0)
-            or np.any(micro_step >= self.grad_accum)
-            or np.any(rank != self.rank)
-            or len(np.unique(slots)) != len(slots)
-        ):
+        local = slots - self.rank * self.rows_per_rank
+        if np.any(local < 0) or np.any(local >= self.rows_per_rank) or len(np.unique(slots)) != len(slots):
             raise ValueError(f"slots {slots.tolist()} are not distinct slots of rank {self.rank}")
-        return micro_step * self.micro_batch + row
+        return local
 
     def _order(self, epoch: int) -> EpochOrder:
         order = self._orders.get(epoch)
@@ -216,6 +224,21 @@ class ChunkSampler:
             if len(self._orders) > 2:  # slots are usually within one epoch of each other
                 self._orders.popitem(last=False)
         return order
+
+
+def distinct_chunks_per_step(dataset: PreparedDataset, global_batch: int, *, seed: int = 0, steps: int = 8) -> float:
+    """Mixing: the mean number of distinct chunks the rows of one global step come from, over the first
+    `steps` steps of epoch 0 with every row drawing each step (at most min(chunks, global batch))."""
+    global_batch = min(global_batch, dataset.num_train)
+    starts = partition_starts(dataset.num_train, global_batch)
+    order = EpochOrder(dataset, seed, 0)
+    counts = []
+    for j in range(steps):
+        positions = starts[:-1] + j
+        positions = positions[positions < starts[1:]]
+        chunk_of = np.searchsorted(dataset.chunk_offsets, order.global_ids(positions), side="right") - 1
+        counts.append(len(np.unique(chunk_of)))
+    return float(np.mean(counts))
 
 
 def merge_sampler_states(states: list[dict]) -> dict:
@@ -246,35 +269,62 @@ def merge_sampler_states(states: list[dict]) -> dict:
 def sampler_progress(dataset: PreparedDataset, seed: int, states: list[dict]) -> dict:
     """Progress over the slots of the given states (one rank's, or all ranks' for the global view).
 
-    epoch: the lowest epoch of any slot; cursor: the length of the prefix of that epoch's order that every
-    slot has consumed (a slot already in a later epoch has consumed all of it); chunks_completed: chunks of
-    that epoch whose train sequences all lie below the cursor; sequences_consumed: draws over all epochs.
-    """
+    epoch: the lowest epoch of any slot; chunks_completed: chunks of that epoch whose train sequences have
+    all been read; epochs: for every epoch some slot is in, the ids of the chunks completed and, for the
+    chunks in progress, the partitions (slots) whose last sample came from them; sequences_consumed: draws
+    over all epochs; state: the merged sampler state (a resume from it is exact)."""
     table: dict[int, tuple[int, int]] = {}
     for state in states:
         table.update(_slot_table(state))
-    global_slots = states[0]["global_slots"]
+    global_slots = int(states[0]["global_slots"])
     num_train = dataset.num_train
+    starts = partition_starts(num_train, global_slots)
+    sizes = np.diff(starts)
     slots = np.array(sorted(table), dtype=np.int64)
     epochs = np.array([table[s][0] for s in slots.tolist()], dtype=np.int64)
     draws = np.array([table[s][1] for s in slots.tolist()], dtype=np.int64)
-    epoch = int(epochs.min())
-    in_epoch = epochs == epoch
-    cursor = int(np.min(draws[in_epoch] * global_slots + slots[in_epoch]))
-    cursor = min(cursor, num_train)
-    per_epoch = (num_train - slots + global_slots - 1) // global_slots  # positions of each slot per epoch
-    order = EpochOrder(dataset, seed, epoch)
+    complete_view = len(slots) == global_slots  # only then can a chunk be known to be complete
+    per_epoch: dict[str, dict] = {}
+    for epoch in range(int(epochs.min()), int(epochs.max()) + 1):
+        order = EpochOrder(dataset, seed, epoch)
+        # sequences of this epoch read by each partition: all of its stretch once it is in a later epoch
+        read = np.zeros(global_slots, dtype=np.int64)
+        read[slots] = np.where(epochs > epoch, sizes[slots], np.where(epochs == epoch, draws, 0))
+        chunk_ids = order.chunk_order[order.ends > order.starts]  # chunks with train sequences, in order
+        begins, ends = order.starts[order.ends > order.starts], order.ends[order.ends > order.starts]
+        done = _read_below(ends, starts, read) - _read_below(begins, starts, read) == ends - begins
+        in_progress: dict[str, list[int]] = {}
+        for slot in slots[(epochs == epoch) & (draws > 0)].tolist():
+            last = starts[slot] + read[slot] - 1  # the position of the slot's newest sample
+            k = int(np.searchsorted(ends, last, side="right"))
+            if not (complete_view and done[k]):
+                in_progress.setdefault(str(int(chunk_ids[k])), []).append(int(slot))
+        per_epoch[str(epoch)] = {
+            "chunks_completed": sorted(int(c) for c in chunk_ids[done]) if complete_view else None,
+            "chunks_in_progress": dict(sorted(in_progress.items(), key=lambda item: int(item[0]))),
+        }
+    lowest = per_epoch[str(int(epochs.min()))]
     return {
-        "epoch": epoch,
-        "cursor": cursor,
-        "chunks_completed": order.chunks_completed(cursor),
+        "epoch": int(epochs.min()),
+        "chunks_completed": len(lowest["chunks_completed"]) if lowest["chunks_completed"] is not None else None,
         "total_chunks": int(np.count_nonzero(dataset.train_sizes() > 0)),
         "total_train_sequences": num_train,
-        "sequences_consumed": int(np.sum(epochs * per_epoch + draws)),
-        "global_batch": int(global_slots),
+        "sequences_consumed": int(np.sum(epochs * sizes[slots] + draws)),
+        "global_batch": global_slots,
+        "partitions": global_slots,
         "slots": len(slots),
         "seed": seed,
+        "epochs": per_epoch,
+        "state": merge_sampler_states(states),
     }
+
+
+def _read_below(positions: np.ndarray, starts: np.ndarray, read: np.ndarray) -> np.ndarray:
+    """How many positions below each of `positions` have been read, when partition s has read the first
+    read[s] positions of its stretch [starts[s], starts[s + 1])."""
+    before = np.concatenate([[0], np.cumsum(read)])  # read by the partitions below s
+    s = np.clip(np.searchsorted(starts, positions, side="right") - 1, 0, len(read) - 1)
+    return before[s] + np.clip(positions - starts[s], 0, read[s])
 
 
 def _slot_table(state: dict) -> dict[int, tuple[int, int]]:

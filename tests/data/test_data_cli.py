@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from aios.cli import main as cli_main
+from aios.data import PreparedDataset
 
 
 @pytest.fixture(autouse=True)
@@ -64,6 +66,11 @@ def test_prepare_prints_the_path_and_counts_then_inspect_summarises(
     assert "31 / 32 (uint16)" in out
     assert f"{counts['sequences']} ({manifest['holdout']['num_train_sequences']} train" in out
     assert f"plays.txt ({source.stat().st_size} bytes" in out
+    chunks = PreparedDataset(prepared).num_chunks
+    code, out, err = run(capsys, "inspect", str(prepared), "--global-batch", "4")
+    assert code == 0, err
+    mixing = re.search(r"([\d.]+) distinct chunks per global batch of 4 rows \(at most (\d+)", out)
+    assert mixing and int(mixing.group(2)) == min(chunks, 4) and float(mixing.group(1)) >= 3
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from aios.data import ChunkSampler, PreparedDataset, merge_sampler_states, sampler_progress
-from aios.data.sampler import EpochOrder
+from aios.data.sampler import EpochOrder, partition_starts
 from aios.errors import AiosError
 
 
@@ -70,11 +70,24 @@ def test_order_is_a_pure_function_of_seed_and_epoch(small_dataset):
         assert np.array_equal(one.draw(one.slots_for(m))[0], two.draw(two.slots_for(m))[0])
 
 
-# ---- slots and sharding ----
+# ---- partitions, slots and sharding ----
+
+
+def stretch(dataset, G, slot):
+    """Positions of the epoch order that partition (slot) `slot` reads, front to back."""
+    starts = partition_starts(dataset.num_train, G)
+    return np.arange(starts[slot], starts[slot + 1])
+
+
+def test_partitions_cut_the_order_into_g_nearly_equal_contiguous_stretches(small_dataset):
+    n = small_dataset.num_train
+    starts = partition_starts(n, 8)
+    assert starts[0] == 0 and starts[-1] == n and len(starts) == 9
+    assert set(np.diff(starts).tolist()) <= {n // 8, n // 8 + 1}  # every sequence in exactly one stretch
 
 
 @pytest.mark.parametrize("world_size, micro_batch, grad_accum", [(1, 4, 2), (2, 2, 2), (4, 2, 1)])
-def test_one_step_of_all_ranks_is_exactly_the_next_global_batch(
+def test_each_slot_reads_its_own_stretch_and_a_step_takes_one_row_of_each(
     small_dataset, world_size, micro_batch, grad_accum
 ):
     G = 8
@@ -86,16 +99,14 @@ def test_one_step_of_all_ranks_is_exactly_the_next_global_batch(
     for step in range(3):
         slots = [np.concatenate([s.slots_for(m) for m in range(grad_accum)]) for s in ranks]
         flat = np.concatenate(slots)
-        assert len(set(flat.tolist())) == G and sorted(flat.tolist()) == list(range(G))  # disjoint, complete
+        assert sorted(flat.tolist()) == list(range(G))  # disjoint, complete
         for r, s in enumerate(ranks):
+            assert slots[r].tolist() == list(range(r * G // world_size, (r + 1) * G // world_size))  # a block
             for m in range(grad_accum):
                 rows, exhausted = s.draw(s.slots_for(m))
                 assert not exhausted
-                # rank r's micro-step m takes positions [cursor + (m*W + r)*b, cursor + (m*W + r + 1)*b)
-                start = step * G + (m * world_size + r) * micro_batch
-                assert np.array_equal(
-                    rows, expected_rows(small_dataset, 7, 0, np.arange(start, start + micro_batch))
-                )
+                positions = [stretch(small_dataset, G, slot)[step] for slot in s.slots_for(m).tolist()]
+                assert np.array_equal(rows, expected_rows(small_dataset, 7, 0, positions))
 
 
 def test_changing_world_size_with_the_same_global_batch_keeps_every_slots_samples(small_dataset):
@@ -113,26 +124,53 @@ def test_changing_world_size_with_the_same_global_batch_keeps_every_slots_sample
                         out.setdefault(slot, []).append(row)
         return {slot: np.stack(rows) for slot, rows in out.items()}
 
-    one, two = per_slot(1, 4, 2), per_slot(2, 2, 2)
-    assert sorted(one) == sorted(two) == list(range(8))
+    one, two, four = per_slot(1, 4, 2), per_slot(2, 2, 2), per_slot(4, 1, 2)
+    assert sorted(one) == sorted(two) == sorted(four) == list(range(8))
     for slot in range(8):
-        assert np.array_equal(one[slot], two[slot])  # identical per slot, hence the same multiset per step
+        assert np.array_equal(one[slot], two[slot]) and np.array_equal(one[slot], four[slot])
 
 
-def test_slots_for_follows_the_slot_formula(small_dataset):
+def test_slots_for_follows_the_rank_major_slot_formula(small_dataset):
     s = sampler(small_dataset, micro_batch=3, grad_accum=2, rank=2, world_size=4)
-    assert s.slots_for(0).tolist() == [6, 7, 8]  # (0*4 + 2)*3 + row
-    assert s.slots_for(1).tolist() == [18, 19, 20]  # (1*4 + 2)*3 + row
-    assert s.state_dict()["slots"] == [6, 7, 8, 18, 19, 20]
+    assert s.slots_for(0).tolist() == [12, 13, 14]  # r*R + m*b + row, R = 6
+    assert s.slots_for(1).tolist() == [15, 16, 17]
+    assert s.state_dict()["slots"] == [12, 13, 14, 15, 16, 17]
+
+
+def test_over_an_epoch_each_rank_opens_about_its_share_of_the_chunk_files(small_dataset):
+    W = 2  # G = 8
+    total = int((small_dataset.train_sizes() > 0).sum())
+    opened = []
+    for r in range(W):
+        reader = fresh(small_dataset)
+        s = sampler(reader, micro_batch=4, grad_accum=1, rank=r, world_size=W)
+        while not s.draw(s.slots_for(0))[1]:
+            pass
+        opened.append(reader.opened_chunks)
+    # each rank: its half of the chunks, plus at most the one chunk its block shares with the other rank
+    assert all(len(o) <= total // W + 1 for o in opened)
+    assert len(opened[0] & opened[1]) <= 1 and len(opened[0] | opened[1]) == total
+
+
+def test_a_global_step_draws_from_about_min_chunks_rows_distinct_chunks(small_dataset):
+    G = 8
+    chunk_of_row = {bytes(row.astype(np.uint16)): int(np.searchsorted(small_dataset.chunk_offsets, i, side="right") - 1)
+                    for i, row in enumerate(small_dataset.get(np.arange(small_dataset.num_train)))}
+    s = sampler(small_dataset, micro_batch=G, grad_accum=1, world_size=1)
+    for _ in range(5):
+        rows, _ = s.draw(s.slots_for(0))
+        chunks = {chunk_of_row[bytes(row.astype(np.uint16))] for row in rows}
+        assert len(chunks) >= G - 1  # a stretch of ~55 sequences spans ~4 chunks of 16: neighbours rarely share
 
 
 def test_a_rank_opens_only_the_chunk_files_its_positions_need(small_dataset):
     reader = fresh(small_dataset)
-    s = sampler(reader, micro_batch=2, grad_accum=1, rank=1, world_size=4)
-    s.draw(s.slots_for(0))  # positions 2, 3 of the order
-    ids = EpochOrder(reader, 7, 0).global_ids(np.array([2, 3]))
-    assert reader.opened_chunks == set((ids // 16).tolist())
-    assert len(reader.opened_chunks) == 1 < reader.num_chunks
+    s = sampler(reader, micro_batch=2, grad_accum=1, rank=1, world_size=4)  # slots 2 and 3
+    s.draw(s.slots_for(0))
+    positions = [stretch(reader, 8, 2)[0], stretch(reader, 8, 3)[0]]
+    ids = EpochOrder(reader, 7, 0).global_ids(np.array(positions))
+    opened = set((np.searchsorted(reader.chunk_offsets, ids, side="right") - 1).tolist())
+    assert reader.opened_chunks == opened and len(opened) <= 2 < reader.num_chunks
 
 
 # ---- ACT streaming ----
@@ -140,13 +178,11 @@ def test_a_rank_opens_only_the_chunk_files_its_positions_need(small_dataset):
 
 def test_act_draws_advance_only_the_given_slots(small_dataset):
     s = sampler(small_dataset, micro_batch=4, grad_accum=1, rank=0, world_size=2)  # G = 8, slots 0..3
-    s.draw(s.slots_for(0))  # every row starts halted: positions 0..3
-    rows, _ = s.draw(np.array([1, 3]))  # only rows 1 and 3 halted: their second draws, positions 9 and 11
-    assert np.array_equal(rows, expected_rows(small_dataset, 7, 0, [9, 11]))
+    s.draw(s.slots_for(0))  # every row starts halted: the first sequence of each stretch
+    rows, _ = s.draw(np.array([1, 3]))  # only rows 1 and 3 halted: their second draws
+    assert np.array_equal(rows, expected_rows(small_dataset, 7, 0, [stretch(small_dataset, 8, 1)[1],
+                                                                    stretch(small_dataset, 8, 3)[1]]))
     assert s.state_dict()["draws"] == [1, 2, 1, 2]
-    rows, _ = s.draw(np.array([0, 1, 2, 3]))
-    assert np.array_equal(rows, expected_rows(small_dataset, 7, 0, [8, 17, 10, 19]))
-    assert s.progress()["cursor"] == 16  # every position below 16 taken by this rank's slots
     with pytest.raises(ValueError):
         s.draw(np.array([4]))  # slot 4 belongs to rank 1
     with pytest.raises(ValueError):
@@ -192,7 +228,7 @@ def test_merged_states_resume_under_another_world_size(small_dataset):
         rows, _ = solo.draw(solo.slots_for(m))
         expected = []
         for slot in solo.slots_for(m).tolist():
-            owner = ranks[(slot // 2) % 2]  # slot = (m*W + r)*b + row
+            owner = ranks[slot // 4]  # rank-major: slot = r*R + m*b + row, R = 4
             expected.append(owner.draw(np.array([slot]))[0][0])
         assert np.array_equal(rows, np.stack(expected))
 
@@ -201,12 +237,14 @@ def test_load_state_dict_refuses_another_layout_or_rank(small_dataset):
     state = sampler(small_dataset, rank=0).state_dict()
     with pytest.raises(AiosError, match="global batch"):
         sampler(small_dataset, micro_batch=3).load_state_dict(state)
-    with pytest.raises(AiosError, match="lacks slot 2 of rank 1 of 2"):
+    with pytest.raises(AiosError, match="lacks slot 4 of rank 1 of 2"):
         sampler(small_dataset, rank=1).load_state_dict(state)
     with pytest.raises(AiosError, match="seed 7"):
         sampler(small_dataset, seed=8).load_state_dict(state)
     with pytest.raises(AiosError, match="malformed"):
         sampler(small_dataset).load_state_dict({"format": 1})
+    with pytest.raises(AiosError, match="format 1"):  # the strided order of older checkpoints
+        sampler(small_dataset).load_state_dict({**state, "format": 1})
 
 
 # ---- epoch ends and the held-out tail ----
@@ -235,9 +273,8 @@ def test_a_full_epoch_draws_every_train_sequence_once_and_no_holdout(small_datas
 
 def test_without_iterate_a_finished_slot_reports_exhausted_and_nothing_moves(small_dataset):
     s = sampler(small_dataset, micro_batch=4, grad_accum=1, rank=0, world_size=1)  # G = 4
-    n = small_dataset.num_train
     last_slot = 3
-    for _ in range((n - last_slot + 3) // 4):  # slot 3 has positions 3, 7, ... < n
+    for _ in range(len(stretch(small_dataset, 4, last_slot))):
         _, exhausted = s.draw(np.array([last_slot]))
         assert not exhausted
     before = s.state_dict()
@@ -248,32 +285,43 @@ def test_without_iterate_a_finished_slot_reports_exhausted_and_nothing_moves(sma
     assert not exhausted
 
 
-def test_with_iterate_a_finished_slot_starts_the_next_epoch_at_its_own_position(small_dataset):
+def test_with_iterate_a_finished_slot_starts_the_next_epoch_at_the_start_of_its_stretch(small_dataset):
     s = sampler(small_dataset, micro_batch=4, grad_accum=1, rank=0, world_size=1, iterate=True)
-    n = small_dataset.num_train
-    for _ in range((n - 2 + 3) // 4):
+    for _ in range(len(stretch(small_dataset, 4, 2))):
         s.draw(np.array([2]))
     rows, exhausted = s.draw(np.array([2, 1]))
     assert not exhausted
-    assert np.array_equal(rows[0], expected_rows(small_dataset, 7, 1, [2])[0])  # epoch 1, position s
-    assert np.array_equal(rows[1], expected_rows(small_dataset, 7, 0, [1])[0])
+    assert np.array_equal(rows[0], expected_rows(small_dataset, 7, 1, [stretch(small_dataset, 4, 2)[0]])[0])
+    assert np.array_equal(rows[1], expected_rows(small_dataset, 7, 0, [stretch(small_dataset, 4, 1)[0]])[0])
     state = s.state_dict()
     assert state["epochs"] == [0, 0, 1, 0] and state["draws"] == [0, 1, 1, 0]
 
 
-def test_progress_reports_cursor_chunks_and_consumption(small_dataset):
+def test_the_tracker_names_completed_chunks_and_the_partitions_reading_the_others(small_dataset):
     ranks = [sampler(small_dataset, micro_batch=4, grad_accum=1, rank=r, world_size=2) for r in range(2)]
-    for _ in range(10):  # 10 full steps of G = 8: positions [0, 80)
+    for _ in range(10):  # 10 draws of every slot: the first 10 positions of each stretch
         for s in ranks:
             s.draw(s.slots_for(0))
     progress = sampler_progress(small_dataset, 7, [s.state_dict() for s in ranks])
     order = EpochOrder(small_dataset, 7, 0)
-    assert progress["epoch"] == 0 and progress["cursor"] == 80
-    assert progress["sequences_consumed"] == 80
-    assert progress["chunks_completed"] == int(((order.ends <= 80) & (order.ends > order.starts)).sum())
+    read = {int(p) for slot in range(8) for p in stretch(small_dataset, 8, slot)[:10]}
+    nonempty = order.ends > order.starts
+    complete = sorted(int(c) for c, a, b in zip(order.chunk_order[nonempty], order.starts[nonempty],
+                                                order.ends[nonempty], strict=True)
+                      if set(range(a, b)) <= read)
+    assert progress["epoch"] == 0 and progress["sequences_consumed"] == 80
+    assert progress["epochs"]["0"]["chunks_completed"] == complete and progress["chunks_completed"] == len(complete)
+    in_progress = progress["epochs"]["0"]["chunks_in_progress"]
+    for slot in range(8):  # each partition is reading the chunk of its newest sample
+        newest = order.global_ids(np.array([stretch(small_dataset, 8, slot)[9]]))[0]
+        chunk = int(np.searchsorted(small_dataset.chunk_offsets, newest, side="right") - 1)
+        assert chunk in complete or slot in in_progress[str(chunk)]
     assert progress["total_chunks"] == int((small_dataset.train_sizes() > 0).sum())
     assert progress["total_train_sequences"] == small_dataset.num_train
+    assert progress["partitions"] == 8
+    assert progress["state"] == merge_sampler_states([s.state_dict() for s in ranks])  # exact resume from it
     assert ranks[0].progress()["sequences_consumed"] == 40  # one rank's own view
+    assert ranks[0].progress()["epochs"]["0"]["chunks_completed"] is None  # a partial view cannot tell
 
 
 def test_too_small_a_dataset_for_the_global_batch_is_refused(small_dataset):
