@@ -28,7 +28,6 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-@torch.no_grad()
 def evaluate_lm(model: HRMACTv1, batches: Iterable[np.ndarray], device: torch.device,
                 amp_dtype: torch.dtype | None = None) -> dict:
     """Loss, perplexity and token accuracy after all M segments (evaluation runs every segment).
@@ -36,6 +35,13 @@ def evaluate_lm(model: HRMACTv1, batches: Iterable[np.ndarray], device: torch.de
     `q_halt_segments` is the mean segment at which the Q-head first asked to halt (M if it never did):
     how much computation ACT inference (`generate`) would spend on these sequences.
     """
+    return lm_eval_result(evaluate_lm_sums(model, batches, device, amp_dtype), model.config.halt_max_steps)
+
+
+@torch.no_grad()
+def evaluate_lm_sums(model: HRMACTv1, batches: Iterable[np.ndarray], device: torch.device,
+                     amp_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """The sums behind `evaluate_lm` (so that shards of the batches can be evaluated apart and added)."""
     was_training = model.training
     model.eval()
     M = model.config.halt_max_steps
@@ -61,12 +67,19 @@ def evaluate_lm(model: HRMACTv1, batches: Iterable[np.ndarray], device: torch.de
             halt_segments += float(first_halt.sum())
     finally:
         model.train(was_training)
+    return {"loss_sum": loss_sum, "tokens": tokens, "correct": correct, "sequences": sequences,
+            "halt_segments": halt_segments}
+
+
+def lm_eval_result(sums: dict[str, float], segments: int) -> dict:
+    """`evaluate_lm`'s figures from (possibly several shards') sums."""
+    tokens, sequences = int(sums["tokens"]), int(sums["sequences"])
     if tokens == 0:
         raise ValueError("no evaluation tokens")
-    loss = loss_sum / tokens
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "token_accuracy": correct / tokens,
-            "segments": float(M), "q_halt_segments": halt_segments / sequences, "sequences": sequences,
-            "tokens": tokens}
+    loss = sums["loss_sum"] / tokens
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "token_accuracy": sums["correct"] / tokens,
+            "segments": float(segments), "q_halt_segments": sums["halt_segments"] / sequences,
+            "sequences": sequences, "tokens": tokens}
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@
     tokenizer.json (+ tokenizer_config.json, ...)
     metadata.json            name, times, steps, tokens seen, dataset fingerprints, last metrics, versions
     training_args.json       the full TrainingConfig of the run
-    chunk_tracker_state.json where the data sampler is (epoch, chunks completed, cursor, totals)
+    chunk_tracker_state.json where the data sampler is (per epoch: chunks completed and in progress; totals)
     metrics.jsonl            one JSON record per step / eval / checkpoint / stop / end
     checkpoints/step-N/      full-state checkpoints (see aios.train.checkpoint)
 

@@ -2,6 +2,10 @@
 
     AIOS_TEST_FAULT=raise:K     a worker raises RuntimeError after completing optimizer step K
     AIOS_TEST_FAULT=sigkill:K   a worker's process SIGKILLs itself after step K
+    AIOS_TEST_FAULT=stop:K      a worker (only it) sees a stop request after step K, as if only it saw the
+                                stop file
+    AIOS_TEST_FAULT=oom:K       a worker runs out of memory (torch.cuda.OutOfMemoryError) in the first forward
+                                of step K
     AIOS_TEST_FAULT_ONCE=PATH   required with it: the fault fires only while PATH does not exist (it is
                                 created, durably, just before), so the restarted workers run through
     AIOS_TEST_FAULT_RANK=R      the rank that fails (default 0)
@@ -15,6 +19,8 @@ from __future__ import annotations
 import os
 import signal
 
+import torch
+
 from aios.train.loop import TrainCallbacks
 
 VARIABLES = ("AIOS_TEST_FAULT", "AIOS_TEST_FAULT_ONCE", "AIOS_TEST_FAULT_RANK")
@@ -24,16 +30,31 @@ def forwarded_env() -> dict[str, str]:
     return {name: os.environ[name] for name in VARIABLES if name in os.environ}
 
 
+KINDS = ("raise", "sigkill", "stop", "oom")
+
+
 class FaultAfterStep(TrainCallbacks):
     def __init__(self, kind: str, step: int, once_file: str, rank: int):
         self.kind, self.step, self.once_file, self.rank = kind, step, once_file, rank
 
-    def after_step(self, trainer, record: dict) -> None:
-        if trainer.rank != self.rank or record["step"] != self.step or os.path.exists(self.once_file):
-            return
+    def _fire(self, trainer, step: int) -> bool:
+        if trainer.rank != self.rank or step != self.step or os.path.exists(self.once_file):
+            return False
         fd = os.open(self.once_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         os.fsync(fd)
         os.close(fd)
+        return True
+
+    def at(self, trainer, point: str, micro_step: int | None) -> None:
+        if self.kind == "oom" and point == "forward" and micro_step == 0 and self._fire(trainer, trainer.step + 1):
+            raise torch.cuda.OutOfMemoryError(f"AIOS_TEST_FAULT: injected out of memory in step {self.step}")
+
+    def after_step(self, trainer, record: dict) -> None:
+        if self.kind == "oom" or not self._fire(trainer, record["step"]):
+            return
+        if self.kind == "stop":
+            trainer.session.request_stop_here(f"AIOS_TEST_FAULT stop on rank {trainer.rank}")
+            return
         if self.kind == "sigkill":
             os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError(f"AIOS_TEST_FAULT: injected failure after step {self.step}")
@@ -45,6 +66,7 @@ def callbacks_from_env() -> TrainCallbacks | None:
         return None
     kind, _, step = spec.partition(":")
     once_file = os.environ.get("AIOS_TEST_FAULT_ONCE")
-    if kind not in ("raise", "sigkill") or not step.isdigit() or not once_file:
-        raise ValueError(f"AIOS_TEST_FAULT={spec!r}: expected raise:K or sigkill:K with AIOS_TEST_FAULT_ONCE set")
+    if kind not in KINDS or not step.isdigit() or not once_file:
+        raise ValueError(f"AIOS_TEST_FAULT={spec!r}: expected one of {', '.join(k + ':K' for k in KINDS)} with "
+                         f"AIOS_TEST_FAULT_ONCE set")
     return FaultAfterStep(kind, int(step), once_file, int(os.environ.get("AIOS_TEST_FAULT_RANK", "0")))

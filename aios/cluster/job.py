@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -32,7 +33,7 @@ from aios.cluster.session import JobChannel, RaySession
 from aios.config import TrainingConfig
 from aios.errors import AiosError, Terminated
 from aios.train.loop import Trainer, TrainResult
-from aios.train.session import consume_stop_file
+from aios.train.session import consume_stop_file, new_staging_root
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +54,13 @@ def run_on_ray(config: TrainingConfig, bundle: BrainBundle, *, require_checkpoin
     _forget_ray_snapshot(bundle)
     was_connected = ray.is_initialized()
     channel: list = []  # the JobChannel, once the cluster is up
+    staging_root = new_staging_root(bundle.checkpoints_dir)  # shared by the workers (all on this node)
     try:
         with _stop_on_signals(channel):  # while the cluster starts: a signal stops the setup
             _connect(config)
             channel.append(JobChannel.remote())
-            trainer = _torch_trainer(config, bundle, channel[0], require_checkpoint=require_checkpoint)
+            trainer = _torch_trainer(config, bundle, channel[0], require_checkpoint=require_checkpoint,
+                                     staging_root=staging_root)
         with _stop_on_signals(channel):  # again: ray.init installs handlers of its own (SIGTERM: exit at once)
             error = _fit_off_the_main_thread(trainer)
         refusal = ray.get(channel[0].get_error.remote())
@@ -69,6 +72,7 @@ def run_on_ray(config: TrainingConfig, bundle: BrainBundle, *, require_checkpoin
     finally:
         if not was_connected and ray.is_initialized():
             ray.shutdown()
+        shutil.rmtree(staging_root, ignore_errors=True)
         consume_stop_file(config.stop_file)  # one that appeared during the run (the launcher checked)
     if data is None:
         raise AiosError("the Ray job ended without a result from its workers; see the log above")
@@ -77,15 +81,20 @@ def run_on_ray(config: TrainingConfig, bundle: BrainBundle, *, require_checkpoin
                        trained_steps=data["trained_steps"], plot=Path(data["plot"]) if data["plot"] else None)
 
 
-def _torch_trainer(config: TrainingConfig, bundle: BrainBundle, channel, *, require_checkpoint: bool) -> TorchTrainer:
+def _torch_trainer(config: TrainingConfig, bundle: BrainBundle, channel, *, require_checkpoint: bool,
+                   staging_root: Path) -> TorchTrainer:
     workers = config.world_size or 1
     node_id, node_cpus = _driver_node()
-    cpus = max(1, node_cpus // workers)
+    cpus = config.cpus_per_worker or max(1, node_cpus // workers)
+    if cpus * workers > node_cpus:  # Ray would wait for them forever
+        raise AiosError(f"{workers} workers x {cpus} CPUs need {cpus * workers} CPUs on this node, which has "
+                        f"{node_cpus}: lower --cpus-per-worker or --world-size")
     return TorchTrainer(
         _train_worker,
         train_loop_config={
             "config": config.to_dict(), "cwd": os.getcwd(), "threads": cpus, "channel": channel,
             "require_checkpoint": require_checkpoint, "log_level": logging.getLogger().getEffectiveLevel(),
+            "staging_root": str(staging_root.resolve()),
         },
         # On the driver's node: the bundle and the prepared data are on its disk (remote storage is issue 8).
         scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": cpus},
@@ -241,19 +250,27 @@ def _train_worker(loop_config: dict) -> None:
     """What each TorchTrainer worker runs: the Trainer with a RaySession; rank 0 hands back the result."""
     if os.path.isdir(loop_config["cwd"]):  # the driver's relative paths mean the same here (same machine)
         os.chdir(loop_config["cwd"])
-    logging.basicConfig(level=loop_config["log_level"], format="%(message)s", stream=sys.stderr, force=True)
+    level = loop_config["log_level"] if ray.train.get_context().get_world_rank() == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)  # rank 0 speaks for all
     torch.set_num_threads(loop_config["threads"])
     config = TrainingConfig.from_dict(loop_config["config"], check_paths=False)
     bundle = BrainBundle.for_run(config.bundle_dir, config.brain_name)
     channel = loop_config["channel"]
+    if ray.get(channel.get_error.remote()) is not None:
+        return  # a worker group restarted after a refusal: the driver raises it, nothing is retried
     session = RaySession(bundle.checkpoints_dir, device=_worker_device(config), keep_checkpoints=config.keep_checkpoints,
                          stop_file=config.stop_file, channel=channel,
-                         require_checkpoint=loop_config["require_checkpoint"])
+                         require_checkpoint=loop_config["require_checkpoint"],
+                         staging_root=Path(loop_config["staging_root"]))
     try:
         result = Trainer(config, session, faults.callbacks_from_env()).run()
     except AiosError as exc:  # a refusal: the same on every retry, so the driver raises it instead
         ray.get(channel.set_error.remote(str(exc)))
-        return
+        if session.world_size == 1:
+            return
+        # The other ranks may wait in a collective for this one: failing makes Ray stop the whole group (and a
+        # restarted group returns at once, above).
+        raise RuntimeError(f"rank {session.rank} refused to continue: {exc}") from None
     finally:
         session.close()
     if session.rank == 0:

@@ -7,24 +7,43 @@ records a checkpoint only once it is durable, and Ray itself deletes none. A res
 job) resumes from the newest complete checkpoint found there, not from the one Ray's run snapshot names:
 a killed worker can make Ray forget the last one reported.
 
+Several workers: data parallelism on Ray's process group (gloo on CPU, nccl on GPU). Every rank holds the
+same weights; after the backward passes of a step (and the ranks' agreement that none ran out of memory)
+the gradients are summed over the ranks in one all-reduce of a flat buffer (`sum_gradients`). The loop
+divides the loss by the global batch, so one worker accumulating W micro-batches and W workers with one
+each compute the same sum, bit for bit for W = 2. The workers write their checkpoint files into one staging directory (the driver makes it, on
+the node they share); once all have (a barrier), rank 0 seals it, so COMPLETE covers every rank's files,
+and hands it to `ray.train.report`; the other ranks report without a checkpoint. On restart rank 0 picks the
+newest intact checkpoint, every rank loads it, and all agree before it is used (one that some rank cannot
+load is set aside by rank 0 and the previous one is tried).
+
 A stop is requested by the stop file or by the driver (`JobChannel`, set on SIGTERM/SIGINT of the driver);
-the worker asks once per step.
+every worker asks once per step attempt, and the loop agrees on it across ranks.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import ray
 import ray.train
 import torch
+import torch.distributed as dist
 
-from aios.train.checkpoint import publish_checkpoint, step_dir_name
-from aios.train.session import empty_step_dir, new_staging_root, restore_newest
+from aios.errors import AiosError
+from aios.train.checkpoint import (
+    CheckpointUnusable,
+    list_checkpoints,
+    publish_checkpoint,
+    seal_checkpoint,
+    set_aside,
+    step_dir_name,
+    verify_checkpoint,
+)
+from aios.train.session import raise_unloadable, restore_newest
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +89,7 @@ class JobChannel:
 
 class RaySession:
     def __init__(self, checkpoints_dir: Path, *, device: torch.device, keep_checkpoints: int, stop_file: str | None,
-                 channel, require_checkpoint: bool):
+                 channel, require_checkpoint: bool, staging_root: Path):
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
@@ -83,25 +102,105 @@ class RaySession:
         self.require_checkpoint = require_checkpoint
         self._reason: str | None = None
         self._pending = None  # the question to the driver in flight (an ObjectRef)
-        self._staging_root: Path | None = None
+        self.staging_root = Path(staging_root)  # shared by the workers (made by the driver)
+        self._flat: torch.Tensor | None = None  # the gradient all-reduce buffer
         # Worker groups this job started before this one: Ray restarts after a failure (--max-failures).
         self.restarts = ray.get(channel.attempt_started.remote()) - 1 if channel is not None and self.rank == 0 else 0
 
     def restore(self, load: Callable[[Path], None]) -> Path | None:
         # Always: before this job trained, the launcher refused a bundle with trained work unless --resume,
         # so a checkpoint found by a fresh run is this job's own, from an attempt that failed.
-        return restore_newest(self.checkpoints_dir, load, require=self.require_checkpoint)
+        if self.world_size == 1:
+            return restore_newest(self.checkpoints_dir, load, require=self.require_checkpoint)
+        tried = False
+        while True:
+            name = self._broadcast(self._newest_intact_name() if self.rank == 0 else None)
+            if name is None:
+                if tried:  # every rank got the same broadcast: all refuse together
+                    raise_unloadable(self.checkpoints_dir)
+                if self.require_checkpoint:
+                    raise AiosError(f"--resume: no intact checkpoint in {self.checkpoints_dir} (invalid ones were "
+                                    f"moved aside as step-N.invalid-*): repair one, or train a new --brain-name")
+                return None
+            candidate = self.checkpoints_dir / name
+            tried = True
+            try:
+                load(candidate)
+                problem = None
+            except CheckpointUnusable as exc:
+                problem = str(exc)
+                log.warning("rank %d cannot load checkpoint %s: %s", self.rank, candidate, problem)
+            failed = self.all_reduce(torch.tensor([float(problem is not None)], dtype=torch.float64,
+                                                  device=self._collective_device())).item()
+            if not failed:
+                return candidate
+            if self.rank == 0:  # some rank could not load it: like corruption, set aside; try the previous one
+                set_aside(candidate, "invalid")
+
+    def _newest_intact_name(self) -> str | None:
+        """Rank 0: the newest checkpoint that passes verification; failing ones are set aside."""
+        for candidate in reversed(list_checkpoints(self.checkpoints_dir)):
+            problem = verify_checkpoint(candidate)
+            if problem is None:
+                return candidate.name
+            log.warning("skipping checkpoint %s: %s; trying the previous one", candidate, problem)
+            set_aside(candidate, "invalid")
+        return None
+
+    def _broadcast(self, value):
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _collective_device(self) -> torch.device:
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """One all-reduce (sum) of every gradient, through a flat buffer allocated once, so that it cannot run
+        out of memory itself."""
+        if self.world_size == 1:
+            return
+        if self._flat is None:
+            self._flat = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+        offset, flat = 0, self._flat
+        for p in params:
+            part = flat[offset:offset + p.numel()]
+            part.copy_(p.grad.reshape(-1)) if p.grad is not None else part.zero_()
+            offset += p.numel()
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        for p in params:
+            part = flat[offset:offset + p.numel()].view_as(p)
+            if p.grad is None:
+                p.grad = part.clone()
+            else:
+                p.grad.copy_(part)
+            offset += p.numel()
+
+    def all_reduce(self, values: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return values
+        device = values.device
+        buffer = values.to(self._collective_device())
+        dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+        return buffer.to(device)
 
     def staging_dir(self, step: int) -> Path:
-        if self._staging_root is None:
-            self._staging_root = new_staging_root(self.checkpoints_dir)
-        return empty_step_dir(self._staging_root, step)
+        path = self.staging_root / step_dir_name(step)
+        path.mkdir(parents=True, exist_ok=True)  # every rank writes its own files here; rank 0 seals
+        return path
 
     def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> Path | None:
         metrics = {key: metrics[key] for key in REPORTED if key in metrics}  # the rest is in metrics.jsonl
         if checkpoint_dir is None:
             ray.train.report(metrics)
             return None
+        if self.world_size > 1:
+            dist.barrier()  # every rank's files are written (and fsynced)
+        if self.rank != 0:
+            ray.train.report(metrics)  # rank 0 reports the checkpoint; a barrier like every report
+            return None
+        seal_checkpoint(checkpoint_dir)  # COMPLETE covers every rank's files
         step = int(metrics["step"])
         published: list[Path] = []
 
@@ -127,6 +226,10 @@ class RaySession:
                 self._reason = self._driver_stop_reason()
         return self._reason is not None
 
+    def request_stop_here(self, reason: str) -> None:
+        """A stop request seen by this rank only (the test fault hook uses it); the loop agrees on it."""
+        self._reason = self._reason or reason
+
     def _driver_stop_reason(self) -> str | None:
         """The driver's stop request, without waiting on it: each call collects the answer to the previous
         call's question if it has arrived and asks again, so a step never blocks on the driver (a request
@@ -144,8 +247,8 @@ class RaySession:
 
     def run_info(self) -> dict:
         return {"launcher": "ray", "world_size": self.world_size, "ray_version": ray.__version__,
-                "ray_storage": str(self.checkpoints_dir), "ray_restarts": self.restarts}
+                "ray_storage": str(self.checkpoints_dir), "ray_restarts": self.restarts,
+                "torch_threads": torch.get_num_threads()}
 
     def close(self) -> None:
-        if self._staging_root is not None:
-            shutil.rmtree(self._staging_root, ignore_errors=True)
+        pass  # the driver removes the shared staging directory after the job

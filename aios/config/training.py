@@ -179,9 +179,11 @@ class TrainingConfig(BaseModel):
         "cannot compile.", "Memory")
 
     # ---- Distributed ----------------------------------------------------------------------------------
-    ddp: bool = setting(False, "Data-parallel training over several workers.", "Distributed")
+    ddp: bool = setting(False, "Data-parallel training over several workers (implied by --world-size N > 1; "
+                        "accepted for the original tool's command lines).", "Distributed")
     cuda_ids: str | None = setting(None, "GPUs to use, comma-separated (e.g. 0,1).", "Distributed")
-    world_size: int | None = setting(None, "Number of workers.", "Distributed", gt=0)
+    world_size: int | None = setting(None, "Ray Train workers (data-parallel when more than one).",
+                                     "Distributed", gt=0)
     zero_stage: Literal["none", "zero1", "zero2", "zero3"] = setting(
         "none", "ZeRO optimizer-state sharding stage.", "Distributed"
     )
@@ -190,11 +192,14 @@ class TrainingConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = setting("auto", "Where to train; auto = cuda when available.",
                                                      "Distributed")
     launcher: Literal["local", "ray"] = setting(
-        "local", "local = train in this process; ray = a Ray Train job (TorchTrainer) on the cluster of "
-        "--ray-address, or on an embedded local Ray cluster.", "Distributed")
+        "ray", "ray = a Ray Train job (TorchTrainer) on the cluster of --ray-address, or on an embedded local "
+        "Ray cluster; local = one worker in this process (debugging).", "Distributed")
     ray_address: str | None = setting(
         None, "Ray cluster to run on with --launcher ray (e.g. ray://head:10001 or auto); default: $RAY_ADDRESS, "
         "else an embedded local cluster.", "Distributed", min_length=1)
+    cpus_per_worker: int | None = setting(
+        None, "With --launcher ray: CPUs (and torch threads) of each worker; default: the node's CPUs shared out "
+        "over the workers.", "Distributed", gt=0)
     max_failures: int = setting(
         0, "With --launcher ray: worker failures (an exception, a killed process) Ray recovers from by "
         "restarting the workers from the newest checkpoint.", "Distributed", ge=0)
@@ -320,10 +325,14 @@ class TrainingConfig(BaseModel):
                         name,
                     )
         if self.launcher != "ray":
-            for name in ("ray_address", "max_failures"):
+            for name in ("ray_address", "max_failures", "cpus_per_worker"):
                 if getattr(self, name) != type(self).model_fields[name].default:
                     raise _setting_error(f"{flag_name(name)} has no effect with --launcher {self.launcher}; add "
                                          f"--launcher ray or drop {flag_name(name)}", name)
+            if self.world_size is not None and self.world_size > 1:
+                raise _setting_error(f"--world-size {self.world_size} needs --launcher ray (the in-process launcher "
+                                     f"runs one worker); add --launcher ray", "world_size")
+
         if self.amp is False and self.amp_dtype != type(self).model_fields["amp_dtype"].default:
             raise _setting_error("--amp-dtype has no effect with --no-amp; add --amp or drop --amp-dtype", "amp_dtype")
         return self
@@ -412,19 +421,17 @@ class TrainingConfig(BaseModel):
 
     def unavailable_features(self) -> list[str]:
         """One message per flag whose behaviour is not built yet; `launch` refuses to run with any of them."""
-        later = "multi-worker training arrives with the Ray Train job"
         checks = [
-            (self.ddp, f"--ddp is not available yet: {later}; run without --ddp"),
-            (self.cuda_ids is not None, f"--cuda-ids is not available yet: {later}; run without --cuda-ids "
-                                        "(a single GPU is picked by --device)"),
-            (self.world_size is not None and self.world_size > 1,
-             f"--world-size {self.world_size} is not available yet: {later}; run without --world-size"),
+            (self.cuda_ids is not None, "--cuda-ids is not available yet: choosing the GPUs of the embedded Ray "
+                                        "cluster is not built; run without --cuda-ids (each worker gets one GPU "
+                                        "with --device cuda)"),
             (self.zero_stage != "none", f"--zero-stage {self.zero_stage} is not available yet: optimizer-state "
-                                        "sharding arrives with multi-worker training; use --zero-stage none"),
+                                        "sharding arrives with the DeepSpeed issue; use --zero-stage none"),
             (self.expert_id is not None, "--expert-id is not available yet: per-expert training arrives with "
                                          "the expert training issue; run without --expert-id"),
-            (self.parallel_independent, "--parallel-independent is not available yet: independent parallel runs "
-                                        "arrive with the Ray Train job; run without --parallel-independent"),
+            (self.parallel_independent, "--parallel-independent is not supported: data-parallel training over "
+                                        "--world-size N workers (--launcher ray) replaces it; run without "
+                                        "--parallel-independent"),
         ]
         return [message for is_set, message in checks if is_set]
 

@@ -812,8 +812,10 @@ class HRMACTv1(nn.Module):
             # 3. Training: learned halting with exploration, and the bootstrapped continue target.
             if self.training and cfg.halt_max_steps > 1:
                 halted = halted | (q_halt > q_continue)
-                explore = torch.rand_like(q_halt) < cfg.halt_exploration_prob
-                min_steps = explore * torch.randint_like(steps, low=2, high=cfg.halt_max_steps + 1)
+                min_steps = batch.get("min_halt_steps")  # given by the trainer: drawn per sample slot
+                if min_steps is None:  # the reference's draw, from torch's global generator
+                    explore = torch.rand_like(q_halt) < cfg.halt_exploration_prob
+                    min_steps = explore * torch.randint_like(steps, low=2, high=cfg.halt_max_steps + 1)
                 halted = halted & (steps >= min_steps)
                 next_q = inner.q_logits(z_H, z_L, data["inputs"], data.get("puzzle_identifiers"))  # next segment
                 next_halt, next_continue = next_q.unbind(-1)

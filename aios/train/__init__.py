@@ -33,6 +33,9 @@ def launch(config: TrainingConfig, callbacks=None):
     unavailable = config.unavailable_features()
     if unavailable:
         raise AiosError(unavailable[0])
+    if config.ddp and (config.world_size or 1) == 1:
+        log.warning("--ddp with one worker: nothing to run in parallel; pass --world-size N (N > 1) for "
+                    "data-parallel training")
     if not config.dataset_file:
         raise AiosError("--dataset-file is required: pass a .txt/.jsonl/.csv file, directory or glob "
                         "(e.g. training_data/curated_datasets/test_sample.txt)")

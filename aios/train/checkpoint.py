@@ -7,9 +7,9 @@ One directory per saved step (DESIGN.md):
       optimizer.pt               optimizer + scaler state (tensors and plain types only)
       rng-rank{r}.pt             torch / cuda / numpy / python RNG states of rank r
       carry-rank{r}.safetensors  the ACT carries of rank r (one per accumulation micro-step)
-      sampler-rank{r}.json       the chunk sampler's cursor of rank r
+      sampler-rank{r}.json       the chunk sampler's state of rank r's slots: (epoch, draws) per slot
       state.json                 format, step, counters, batch layout, identity of model, data, optimizer
-      COMPLETE                   written last: sha256 and size of every file above
+      COMPLETE                   written last: sha256 and size of every file above (every rank's)
 
 A directory is built under a staging name (`.staging-*` beside the checkpoints), every file is flushed to
 disk, COMPLETE is written last, and the directory is renamed into place. A checkpoint counts only when
@@ -35,14 +35,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from aios import jsonio
-from aios.atomic import exchange_dirs, fsync_dir, fsync_file, fsync_tree
+from aios.atomic import exchange_dirs, fsync_dir, fsync_file
 from aios.errors import AiosError
 from aios.hashing import sha256_file
 from aios.models.hrm_act_v1 import ACTCarry
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2  # of state.json and the files beside it; 1 was aios 0.1 (tokens_seen, scheduler state)
+FORMAT = 3  # of state.json and the files beside it; 2: the sampler read strided positions; 1: aios 0.1
 COMPLETE = "COMPLETE"
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 STAGING_PREFIX = ".staging-"
@@ -113,13 +113,26 @@ def write_checkpoint_files(directory: Path, *, rank: int, model: torch.nn.Module
     if state is not None:
         (directory / "state.json").write_text(jsonio.dumps({"format": FORMAT, **state}, indent=2, sort_keys=True)
                                               + "\n")
-    fsync_tree(directory)
+    # This rank's files only: the other ranks are writing theirs into the same directory right now.
+    for name in (*(SHARED_FILES if model is not None else ()), *(f.format(rank) for f in RANK_FILES)):
+        fsync_file(directory / name)
+    fsync_dir(directory)
 
 
 def seal_checkpoint(directory: Path) -> None:
-    """Write COMPLETE (hashes of every file) last, durably: from then on the directory is a checkpoint."""
-    files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-             for p in sorted(directory.iterdir()) if p.is_file() and p.name != COMPLETE}
+    """Write COMPLETE (hashes of every file of every rank, by state.json's world size) last, durably: from
+    then on the directory is a checkpoint. Call it once every rank has written its files; a file of a rank
+    this checkpoint does not have (left by a failed attempt with more workers) is removed first."""
+    world = json.loads((directory / "state.json").read_text())["world_size"]
+    expected = expected_files(world)
+    missing = [name for name in expected if not (directory / name).is_file()]
+    if missing:
+        raise RuntimeError(f"cannot seal checkpoint {directory}: {missing[0]} was not written")
+    for path in directory.iterdir():
+        if path.is_file() and path.name not in expected:
+            path.unlink()
+    files = {name: {"sha256": sha256_file(directory / name), "bytes": (directory / name).stat().st_size}
+             for name in sorted(expected)}
     tmp = directory / f".{COMPLETE}.tmp"
     tmp.write_text(json.dumps({"files": files}, indent=1) + "\n")
     fsync_file(tmp)
@@ -252,6 +265,15 @@ def _verify_files(directory: Path, marker: Path) -> str | None:
                 return f"{name} is missing"
             if path.stat().st_size != size or sha256_file(path) != digest:
                 return f"{name} does not match its recorded sha256"
+        try:  # hashed above: what it says about the ranks can be trusted
+            world = json.loads((directory / "state.json").read_text()).get("world_size") if "state.json" in files else None
+        except ValueError:
+            world = None
+        if not isinstance(world, int) or isinstance(world, bool) or world < 1:
+            return "COMPLETE does not cover a state.json that names the world size"
+        unsealed = [name for name in expected_files(world) if name not in files]
+        if unsealed:
+            return f"COMPLETE does not cover {unsealed[0]} (a rank's files were written after the seal, or never)"
     except OSError as exc:  # permissions, I/O errors: nothing is known about the checkpoint itself
         raise CheckpointUnreadable(f"cannot read checkpoint {directory} ({type(exc).__name__}: {exc}): fix its "
                                    f"permissions or the storage, then resume") from None
@@ -307,16 +329,28 @@ def _check_state(state: object) -> dict:
     return state
 
 
+RANK_FILES = ("rng-rank{}.pt", "carry-rank{}.safetensors", "sampler-rank{}.json")
+SHARED_FILES = ("model.safetensors", "optimizer.pt", "state.json")
+
+
+def expected_files(world_size: int) -> list[str]:
+    """The files a checkpoint of `world_size` ranks must hold (and its COMPLETE must list)."""
+    return [*SHARED_FILES, *(name.format(r) for r in range(world_size) for name in RANK_FILES)]
+
+
 @dataclass
 class Checkpoint:
-    """One rank's view of a loaded checkpoint: plain values and CPU/device tensors, not yet applied."""
+    """One rank's view of a loaded checkpoint: plain values and CPU/device tensors, not yet applied.
+
+    `carry_rows` and `sampler_state` cover the slots asked for (this rank's under its layout), gathered from
+    the files of every saved rank that held some of them: a checkpoint of another world size regroups."""
 
     directory: Path
     state: dict
     weights: dict[str, torch.Tensor]
     optimizer_state: dict
-    rng: dict
-    carries: list[ACTCarry]
+    rng: dict | None  # None: the checkpoint has no rank of this number (saved by fewer workers)
+    carry_rows: dict[str, torch.Tensor]
     sampler_state: dict
 
 
@@ -329,28 +363,53 @@ def read_state(directory: Path) -> dict:
     return _check_state(state)
 
 
-def read_checkpoint(directory: Path, rank: int, device: torch.device | str = "cpu") -> Checkpoint:
-    """Load every file of a checkpoint that this rank needs. Any file that does not load (a value torch's
-    weights_only loader refuses, a broken safetensors header, bad JSON) raises CheckpointUnusable."""
+def read_checkpoint(directory: Path, rank: int, slots: tuple[int, int], device: torch.device | str = "cpu"
+                    ) -> Checkpoint:
+    """Load what this rank needs: the shared files, its RNG, and the carries and sampler state of the global
+    slots [slots[0], slots[1]) from the saved ranks that held them (slot s was on saved rank s // R, R its
+    rows per rank). Any file that does not load (a value torch's weights_only loader refuses, a broken
+    safetensors header, bad JSON) raises CheckpointUnusable."""
+    from aios.data import merge_sampler_states
+
     state = read_state(directory)
+    saved_world, first, stop = state["world_size"], *slots
+    per_rank = state["global_batch"] // saved_world
+    if not 0 <= first < stop <= state["global_batch"]:
+        raise ValueError(f"slots {first}..{stop} of a global batch of {state['global_batch']}")
+    owners = range(first // per_rank, (stop - 1) // per_rank + 1)
     try:
         weights = load_file(directory / "model.safetensors", device=str(device))
         optimizer_state = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
-        rng = torch.load(directory / f"rng-rank{rank}.pt", map_location="cpu", weights_only=True)
-        flat = load_file(directory / f"carry-rank{rank}.safetensors", device=str(device))
-        grouped: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in flat.items():
-            index, name = key.split(".", 1)
-            grouped.setdefault(int(index), {})[name] = value
-        carries = [ACTCarry.from_state_dict(grouped[i]) for i in sorted(grouped)]
-        sampler_state = json.loads((directory / f"sampler-rank{rank}.json").read_text())
+        rng = (torch.load(directory / f"rng-rank{rank}.pt", map_location="cpu", weights_only=True)
+               if rank < saved_world else None)
+        rows: dict[str, list[torch.Tensor]] = {}
+        samplers = []
+        for owner in owners:
+            flat = load_file(directory / f"carry-rank{owner}.safetensors", device=str(device))
+            grouped: dict[int, dict[str, torch.Tensor]] = {}
+            for key, value in flat.items():
+                index, name = key.split(".", 1)
+                grouped.setdefault(int(index), {})[name] = value
+            if sorted(grouped) != list(range(state["grad_accum"])):
+                raise ValueError(f"carry-rank{owner} holds {len(grouped)} micro-steps, state.json says "
+                                 f"{state['grad_accum']}")
+            for i in sorted(grouped):
+                for name, value in grouped[i].items():
+                    rows.setdefault(name, []).append(value)
+            sampler = json.loads((directory / f"sampler-rank{owner}.json").read_text())
+            if not isinstance(sampler, dict):
+                raise ValueError(f"sampler-rank{owner}.json holds no state")
+            samplers.append(sampler)
+        offset = first - owners[0] * per_rank
+        carry_rows = {name: torch.cat(parts)[offset:offset + stop - first] for name, parts in rows.items()}
+        sampler_state = samplers[0] if len(samplers) == 1 else merge_sampler_states(samplers)
         if not isinstance(optimizer_state, dict) or "optimizer" not in optimizer_state:
             raise ValueError("optimizer.pt holds no optimizer state")
-        if not isinstance(rng, dict) or not isinstance(sampler_state, dict):
-            raise ValueError("the RNG or sampler file holds no state")
+        if rng is not None and not isinstance(rng, dict):
+            raise ValueError("the RNG file holds no state")
     except (MemoryError, torch.cuda.OutOfMemoryError):
         raise
     except Exception as exc:  # noqa: BLE001 - any failure to load is treated like corruption
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise CheckpointUnusable(f"{type(exc).__name__}: {reason}"[:300]) from exc
-    return Checkpoint(directory, state, weights, optimizer_state, rng, carries, sampler_state)
+    return Checkpoint(directory, state, weights, optimizer_state, rng, carry_rows, sampler_state)

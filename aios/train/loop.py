@@ -10,12 +10,15 @@ A step is a transaction. Nothing it does is kept until it has completed: if CUDA
 point (forward, backward, unscale, clip, inside the optimizer step), the sampler, carries, RNG, gradients,
 optimizer and GradScaler state are put back exactly, the micro-batch is halved (accumulation doubled, the
 global batch and the sample order unchanged) and the step runs again, so the run continues bit for bit as
-one that had the smaller micro-batch from that step on.
+one that had the smaller micro-batch from that step on. With several workers every rank backs off together
+(they agree on it); only an OOM inside the optimizer step cannot be retried there (the others have
+updated) and stops the job with a message.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import random
@@ -35,10 +38,11 @@ from aios.data import (
     PrepareOptions,
     flags,
     prepare_dataset,
+    sampler_progress,
     warn_unused_options,
 )
 from aios.errors import AiosError
-from aios.inference import autocast_context, evaluate_lm
+from aios.inference import autocast_context, evaluate_lm_sums, lm_eval_result
 from aios.models.hrm_act_v1 import ACTCarry, HRMACTv1, HRMACTv1Config, act_loss, shift_labels
 from aios.tokenizers import load_tokenizer, tokenizer_fingerprint
 from aios.train import checkpoint as ckpt
@@ -58,6 +62,8 @@ log = logging.getLogger(__name__)
 HOLDOUT_FRACTION = 0.05  # held-out tail of the training text when no --eval-file is given
 MAX_NONFINITE_STEPS = 10  # consecutive skipped steps before the run gives up
 FAULT_POINTS = ("forward", "backward", "unscale", "clip", "optimizer_step")
+EXPLORATION_STREAM = 0x68726D  # the exploration generator's key: [seed, EXPLORATION_STREAM, step]
+_OOM = "out_of_memory"  # a step attempt that some rank could not fit in memory: retried smaller
 
 
 class TrainCallbacks:
@@ -240,10 +246,13 @@ class Trainer:
     def _load_checkpoint(self, directory: Path) -> None:
         """Resume from `directory` (the session picks it): refuse a checkpoint of another run with AiosError;
         raise CheckpointUnusable when its content cannot be used (the session then tries an older one)."""
-        saved = ckpt.read_checkpoint(directory, self.rank, self.device)
-        self._check_identity(directory, saved.state)
+        state = ckpt.read_state(directory)
+        self._check_identity(directory, state)
+        micro_batch, grad_accum = self._resume_split(directory, state)
+        first = self.rank * micro_batch * grad_accum  # this rank's slots under its layout
+        saved = ckpt.read_checkpoint(directory, self.rank, (first, first + micro_batch * grad_accum), self.device)
         try:
-            self._apply_checkpoint(saved)
+            self._apply_checkpoint(saved, micro_batch, grad_accum)
         except (MemoryError, torch.cuda.OutOfMemoryError):
             raise  # the device is full: nothing is known about the checkpoint
         except Exception as exc:  # noqa: BLE001 - content that does not fit is treated like corruption
@@ -262,7 +271,7 @@ class Trainer:
             changed = sorted(k for k in {*theirs, *ours} if theirs.get(k) != ours.get(k))
             raise AiosError(f"checkpoint {directory} was made with a different model ({', '.join(changed)} "
                             f"differ): resume with the same model flags or use a new --brain-name")
-        if state["global_batch"] != self.global_batch:
+        if state["world_size"] == self.world and state["global_batch"] != self.global_batch:
             raise AiosError(f"checkpoint {directory} used a global batch of {state['global_batch']} sequences, "
                             f"this run {self.global_batch}: keep --batch-size x --gradient-accumulation-steps "
                             f"x workers the same to resume")
@@ -272,17 +281,33 @@ class Trainer:
         if state["seed"] != self.config.seed:
             raise AiosError(f"checkpoint {directory} was trained with --seed {state['seed']}, which fixes its data "
                             f"order: resume with --seed {state['seed']}")
-        asked = (self.config.batch_size, self.config.gradient_accumulation_steps)
-        if self.world != 1 and asked != (state["config_micro_batch"], state["config_grad_accum"]):
-            raise AiosError(f"checkpoint {directory} split its batch as --batch-size {state['config_micro_batch']} "
-                            f"x --gradient-accumulation-steps {state['config_grad_accum']}; changing the split needs "
-                            f"a single worker: keep them as they were")
         if state["optimizer_kind"] != self.optimizer_kind:
             raise AiosError(f"checkpoint {directory} holds {state['optimizer_kind']} optimizer state, this run "
                             f"uses {self.optimizer_kind}: resume with {optimizer_kind_hint(state['optimizer_kind'])} "
                             f"(optimizer state does not convert)")
 
-    def _apply_checkpoint(self, saved: ckpt.Checkpoint) -> None:
+    def _resume_split(self, directory: Path, state: dict) -> tuple[int, int]:
+        """The micro-batch and accumulation to resume with. With the saved world size: the checkpoint's (an
+        OOM back-off persists), unless this run asks for another split of the same global batch. With another
+        world size (elastic): the checkpoint's global batch kept, at this run's --batch-size, the
+        accumulation adjusted; refused when that is not a whole number of steps."""
+        cfg, G = self.config, state["global_batch"]
+        if state["world_size"] == self.world:
+            asked = (cfg.batch_size, cfg.gradient_accumulation_steps)
+            if asked != (state["config_micro_batch"], state["config_grad_accum"]):
+                return asked
+            return state["micro_batch"], state["grad_accum"]
+        per_rank, b = G // self.world, cfg.batch_size
+        if G % self.world or per_rank % b:
+            raise AiosError(f"checkpoint {directory} was saved by {state['world_size']} workers with a global batch "
+                            f"of {G}: {self.world} workers x --batch-size {b} cannot keep it; resume with a world "
+                            f"size dividing {G} and a --batch-size dividing {G} / workers")
+        if b * cfg.gradient_accumulation_steps * self.world != G:
+            log.warning("resuming a %d-worker checkpoint with %d workers: %d accumulation steps of --batch-size %d "
+                        "keep its global batch of %d", state["world_size"], self.world, per_rank // b, b, G)
+        return b, per_rank // b
+
+    def _apply_checkpoint(self, saved: ckpt.Checkpoint, micro_batch: int, grad_accum: int) -> None:
         """Everything from `saved`, replacing all an earlier, failed attempt may have applied."""
         cfg, state = self.config, saved.state
         self.model.load_state_dict(saved.weights)
@@ -292,39 +317,42 @@ class Trainer:
             self.scaler = torch.amp.GradScaler(self.device.type)
             if saved.optimizer_state.get("scaler"):
                 self.scaler.load_state_dict(saved.optimizer_state["scaler"])
-        # The checkpoint's batch split, unless this run asks for a different one (same global batch): an OOM
-        # back-off of the earlier run persists until then.
-        self.micro_batch, self.grad_accum = state["micro_batch"], state["grad_accum"]
-        _check_carries(saved.carries, self.micro_batch, self.grad_accum, self.carries[0])
+        # This rank's slots, regrouped into its micro-batches (slot order is rank-major: see the sampler).
+        self.micro_batch, self.grad_accum = micro_batch, grad_accum
+        carries = [ACTCarry.from_state_dict({k: v[m * micro_batch:(m + 1) * micro_batch]
+                                             for k, v in saved.carry_rows.items()}) for m in range(grad_accum)]
+        _check_carries(carries, self.micro_batch, self.grad_accum, self.carries[0])
         self.sampler = self._new_sampler()
         try:  # identity (seed, global batch, data) was checked: what is left to refuse is a malformed state
             self.sampler.load_state_dict(saved.sampler_state)
         except AiosError as exc:
             raise ValueError(str(exc)) from exc
-        self._set_carries(saved.carries)
-        asked = (cfg.batch_size, cfg.gradient_accumulation_steps)
-        if asked != (state["config_micro_batch"], state["config_grad_accum"]) and asked != (self.micro_batch,
-                                                                                            self.grad_accum):
-            self._resplit(*asked)
-        if self.device.type == "cuda" and "cuda" not in saved.rng:  # a checkpoint of a CPU run
-            torch.cuda.manual_seed(cfg.seed + self.rank)
-        ckpt.restore_rng_state(saved.rng, self.device)
+        self._set_carries(carries)
+        if saved.rng is not None:  # else saved by fewer workers: this rank keeps its seeded generators
+            if self.device.type == "cuda" and "cuda" not in saved.rng:  # a checkpoint of a CPU run
+                torch.cuda.manual_seed(cfg.seed + self.rank)
+            ckpt.restore_rng_state(saved.rng, self.device)
         self.counters = Counters(**{f.name: state[f.name] for f in dataclasses.fields(Counters)})
 
     # -- one optimizer step -----------------------------------------------------------------------------
-    def train_step(self) -> dict | None:
-        """One optimizer step with OOM back-off; None at the end of the data (nothing consumed)."""
+    def train_step(self) -> dict | str:
+        """One optimizer step with OOM back-off: its metrics record, or "stop" / "end_of_data" when the ranks
+        agreed not to take it (nothing consumed)."""
         point = self._save_point()
         while True:
             try:
-                record = self._step()
-            except torch.cuda.OutOfMemoryError:
-                pass  # handled below the handler, once the failed step's frames (and their tensors) are freed
-            else:
-                if record is None:  # the data ran out part-way through the step: it never happened
-                    self._roll_back(point)
-                return record
+                outcome = self._step()  # an OOM comes back as _OOM, once the failed step's frames are freed
+            except torch.cuda.OutOfMemoryError:  # an allocation outside the agreed parts of the step
+                if self.world > 1:
+                    raise AiosError(f"out of memory on rank {self.rank} of {self.world} outside the parts of step "
+                                    f"{self.step + 1} the workers can retry together; lower --batch-size or "
+                                    f"--max-seq-len and resume") from None
+                outcome = _OOM
+            if isinstance(outcome, dict):
+                return outcome
             self._roll_back(point)
+            if outcome != _OOM:
+                return outcome
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             self._back_off()
@@ -359,12 +387,9 @@ class Trainer:
     def _resplit(self, micro_batch: int, grad_accum: int) -> None:
         """Regroup this rank's rows into `grad_accum` micro-batches of `micro_batch` (same global batch).
 
-        With one worker, slot s = m * b + row: the concatenated rows of all micro-steps are the slots in
-        order, so regrouping them keeps every row's slot, sample and ACT state.
+        Rank r's row of micro-step m is slot r * R + m * b + row: the concatenated rows of its micro-steps are
+        its slots in order, so regrouping them keeps every row's slot, sample and ACT state.
         """
-        if self.world != 1:
-            raise AiosError("changing the micro-batch split needs a single worker; keep --batch-size and "
-                            "--gradient-accumulation-steps as they were")
         assert micro_batch * grad_accum == self.micro_batch * self.grad_accum
         state = self.sampler.state_dict()
         rows = [carry.state_dict() for carry in self.carries]
@@ -375,51 +400,130 @@ class Trainer:
         self.sampler = self._new_sampler()
         self.sampler.load_state_dict(state)
 
-    def _step(self) -> dict | None:
-        """Forward and backward every micro-batch, then update; state changes only at the end (commit)."""
+    def _agree(self, *flags: bool) -> list[bool]:
+        """Whether any rank raised each flag (one collective; nothing to ask on one worker)."""
+        if self.world == 1:
+            return list(flags)
+        summed = self.session.all_reduce(torch.tensor([float(f) for f in flags], dtype=torch.float64,
+                                                      device=self.device))
+        return [v > 0 for v in summed.tolist()]
+
+    def _step(self) -> dict | str:
+        """Forward and backward every micro-batch, then update; state changes only at the end (commit).
+
+        What one rank finds must be agreed by all, or the others wait forever in a collective: a stop request
+        and the end of the data are agreed before any forward, an out-of-memory error after the backward passes
+        (before the gradients are summed over the ranks) and again before the update (with the step's metrics,
+        in one collective). Running out of memory inside the optimizer step of a multi-worker run cannot be
+        retried in step (the other ranks have updated): it stops the job with a clear message."""
         started = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
-        accumulated = self._accumulate_gradients()
+        rows, drawn = self._draw_rows()
+        stop, exhausted = self._agree(self.session.stop_requested(), rows is None)
+        if stop:
+            return "stop"
+        if exhausted:
+            return "end_of_data"
+        accumulated = self._accumulate_gradients(rows)
         if accumulated is None:
-            return None
-        carries, sums, drawn = accumulated
-        grad_norm = self._unscale_and_clip()
-        keys = sorted(sums)  # one host read for every metric of the step
-        values = dict(zip([*keys, "grad_norm"], torch.stack([*(sums[k] for k in keys), grad_norm.double()]).tolist(),
-                          strict=True))
+            return _OOM
+        carries, sums = accumulated
+        keys = sorted(sums)
+        out_of_memory, grad_norm = False, None
+        try:
+            grad_norm = self._unscale_and_clip()
+        except torch.cuda.OutOfMemoryError:
+            out_of_memory = True
+        if out_of_memory:
+            sums = {k: torch.zeros_like(v) for k, v in sums.items()}
+        local = torch.stack([torch.tensor(float(out_of_memory), dtype=torch.float64, device=self.device),
+                             torch.tensor(float(drawn), dtype=torch.float64, device=self.device),
+                             *(sums[k] for k in keys)])
+        reduced = self.session.all_reduce(local) if self.world > 1 else local  # the step's one metrics collective
+        norm = (grad_norm.double().reshape(1) if grad_norm is not None
+                else torch.zeros(1, dtype=torch.float64, device=self.device))
+        flat = torch.cat([reduced.to(norm.device), norm]).tolist()  # one host read for every metric of the step
+        if flat[0] > 0:
+            return _OOM
+        drawn = int(flat[1])
+        values = dict(zip([*keys, "grad_norm"], flat[2:], strict=True))
         loss_finite = math.isfinite(values["loss"])
         finite = loss_finite and math.isfinite(values["grad_norm"])
         lr = self.schedule(self.step)
-        self._update(lr, finite)
         counted_nonfinite = not (loss_finite if self.scaler is not None else finite)  # the scaler skips overflow
-        self._commit(carries, drawn, counted_nonfinite)
+        try:
+            self._update(lr, finite)
+            self._commit(carries, drawn, counted_nonfinite)
+        except torch.cuda.OutOfMemoryError:
+            if self.world == 1:
+                return _OOM
+            raise AiosError(f"out of memory in the optimizer step on rank {self.rank} of {self.world} (step "
+                            f"{self.step + 1}): the other workers have updated, so it cannot be retried; lower "
+                            f"--batch-size or --max-seq-len, or use --use-8bit-optimizer, and resume") from None
         return self._step_record(values, lr, drawn, skipped=not finite, elapsed=time.perf_counter() - started)
 
-    def _accumulate_gradients(self) -> tuple[list[ACTCarry], dict[str, torch.Tensor], int] | None:
-        rows_per_rank = self.micro_batch * self.grad_accum
-        sums: dict[str, torch.Tensor] = {}
-        new_carries, drawn = [], 0
-        for m, carry in enumerate(self.carries):
-            self.callbacks.at(self, "forward", m)
+    def _draw_rows(self) -> tuple[list[np.ndarray] | None, int]:
+        """Every micro-step's input rows: a new sample for each halted row (zeros elsewhere: the row keeps its
+        sample); None when some slot has finished the data (iterate off)."""
+        rows, drawn = [], 0
+        for m in range(self.grad_accum):
             halted = self.halted[m]
             tokens = np.zeros((self.micro_batch, self.dataset.window), dtype=np.int64)
             if halted.any():
                 fresh, exhausted = self.sampler.draw(self.sampler.slots_for(m)[halted])
                 if exhausted:
-                    return None
+                    return None, 0
                 tokens[halted] = fresh
                 drawn += int(halted.sum())
-            batch = shift_labels(torch.from_numpy(tokens).to(self.device, non_blocking=True))
-            with autocast_context(self.device, self.amp_dtype):
-                carry, outputs = self.model(carry, batch)
-                loss, metrics = act_loss(carry, outputs, self.model.config)
-            self.callbacks.at(self, "backward", m)
-            scaled = loss / rows_per_rank  # summed over rows; one division for the whole step
-            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            new_carries.append(carry)
-            for key, value in (("loss", loss.detach()), *metrics.items()):
-                sums[key] = sums[key] + value.double() if key in sums else value.double()
-        return new_carries, sums, drawn
+            rows.append(tokens)
+        return rows, drawn
+
+    def _exploration(self) -> list[torch.Tensor] | None:
+        """ACT exploration for this step: each slot's minimum segment count (0: none), drawn per global slot
+        from (seed, step), so that it does not depend on the world size or the batch split."""
+        cfg = self.model.config
+        if cfg.halt_max_steps <= 1:
+            return None
+        rng = np.random.default_rng([self.config.seed, EXPLORATION_STREAM, self.step])
+        G = self.global_batch
+        explore = rng.random(G) < cfg.halt_exploration_prob
+        minimum = np.where(explore, rng.integers(2, cfg.halt_max_steps + 1, G), 0).astype(np.int32)
+        return [torch.from_numpy(minimum[self.sampler.slots_for(m)]).to(self.device) for m in range(self.grad_accum)]
+
+    def _accumulate_gradients(self, rows: list[np.ndarray]) -> tuple[list[ACTCarry], dict[str, torch.Tensor]] | None:
+        """Forward and backward of every micro-step, then the gradients summed over the ranks; None when some
+        rank ran out of memory (every rank then retries with a smaller micro-batch).
+
+        The ranks agree before the one all-reduce of the gradients, so that an out-of-memory error anywhere in
+        the forward or backward passes is retried exactly on every rank. (torch's DistributedDataParallel
+        would start reducing inside the last backward pass, before anything can be agreed; a rank that then
+        abandons its step leaves DDP expecting a reduction the others never start.)"""
+        sums: dict[str, torch.Tensor] = {}
+        new_carries = []
+        out_of_memory = False
+        try:
+            exploration = self._exploration()
+            for m, carry in enumerate(self.carries):
+                self.callbacks.at(self, "forward", m)
+                batch = shift_labels(torch.from_numpy(rows[m]).to(self.device, non_blocking=True))
+                if exploration is not None:
+                    batch["min_halt_steps"] = exploration[m]
+                with autocast_context(self.device, self.amp_dtype):
+                    carry, outputs = self.model(carry, batch)
+                    loss, metrics = act_loss(carry, outputs, self.model.config)
+                self.callbacks.at(self, "backward", m)
+                scaled = loss / self.global_batch  # summed over rows and ranks; one division per step
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+                new_carries.append(carry)
+                for key, value in (("loss", loss.detach()), *metrics.items()):
+                    sums[key] = sums[key] + value.double() if key in sums else value.double()
+        except torch.cuda.OutOfMemoryError:
+            out_of_memory = True
+        if self._agree(out_of_memory)[0]:
+            return None
+        if self.world > 1:
+            self.session.sum_gradients(self.params)
+        return new_carries, sums
 
     def _unscale_and_clip(self) -> torch.Tensor:
         if self.scaler is not None:
@@ -471,7 +575,7 @@ class Trainer:
             "event": "step", "step": self.step, "epoch": int(self.sampler.epochs.min()), "lr": lr,
             "loss": values["loss"] / rows, "lm_loss": values["lm_loss"] / rows,
             "q_halt_loss": values["q_halt_loss"] / rows, "q_continue_loss": values["q_continue_loss"] / rows,
-            "aux_loss": values["aux_loss"] / self.grad_accum, "grad_norm": values["grad_norm"],
+            "aux_loss": values["aux_loss"] / (self.grad_accum * self.world), "grad_norm": values["grad_norm"],
             "token_accuracy": values["token_accuracy_all"] / rows, "halted": int(halted_rows),
             "segments": values["steps"] / halted_rows if halted_rows else None,
             "halted_accuracy": values["accuracy"] / halted_rows if halted_rows else None,
@@ -497,10 +601,19 @@ class Trainer:
         yield from data.sequential_batches(min(self.config.batch_size, self.micro_batch), start=start, stop=stop)
 
     def evaluate(self) -> dict:
-        result = evaluate_lm(self.model, self.eval_batches(), self.device, self.amp_dtype)
+        """The eval batches shared out over the ranks (batch i on rank i mod W), their sums reduced."""
+        mine = (batch for i, batch in enumerate(self.eval_batches()) if i % self.world == self.rank)
+        sums = evaluate_lm_sums(self.model, mine, self.device, self.amp_dtype)
+        if self.world > 1:
+            keys = sorted(sums)
+            reduced = self.session.all_reduce(torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64,
+                                                           device=self.device)).tolist()
+            sums = dict(zip(keys, reduced, strict=True))
+        result = lm_eval_result(sums, self.model.config.halt_max_steps)
         self.last_eval = {"step": self.step, **result}
         self.log.write({"event": "eval", "step": self.step, **result})
-        self.console.eval(self.step, result)
+        if self.is_main:
+            self.console.eval(self.step, result)
         return result
 
     def save(self, last_metrics: dict) -> Path | None:
@@ -511,7 +624,7 @@ class Trainer:
             raise AiosError(f"the weights became non-finite by step {self.step} ({bad[0]}{' and others' if bad[1:] else ''}"
                             f"): nothing was saved, the bundle keeps its last good state; resume with a lower --lr")
         path = self.save_checkpoint(last_metrics)
-        self.write_bundle(last_metrics)
+        self.write_bundle(last_metrics, path)
         self.log.write({"event": "checkpoint", "step": self.step, "path": str(path)})
         self.log.sync()
         return path
@@ -532,18 +645,19 @@ class Trainer:
                                     optimizer_state=optimizer_state, rng_state=ckpt.capture_rng_state(self.device),
                                     carries=self.carries,
                                     sampler_state=self.sampler.state_dict(), state=state)
-        if self.is_main:
-            ckpt.seal_checkpoint(staged)
-        return self.session.report({"step": self.step, **metrics}, staged)
+        return self.session.report({"step": self.step, **metrics}, staged)  # sealed once every rank has written
 
-    def write_bundle(self, last_metrics: dict | None) -> None:
+    def write_bundle(self, last_metrics: dict | None, checkpoint: Path | None = None) -> None:
+        """The bundle, from rank 0; its chunk tracker from every rank's sampler state in `checkpoint`."""
         if not self.is_main:
             return
         bundle, cfg = self.bundle, self.config
         bundle.write_model(self.model)
         bundle.write_tokenizer(self.tokenizer)
         bundle.write_training_args(cfg)
-        bundle.write_tracker(self.sampler.progress())
+        states = ([json.loads((checkpoint / f"sampler-rank{r}.json").read_text()) for r in range(self.world)]
+                  if checkpoint is not None else [self.sampler.state_dict()])
+        bundle.write_tracker(sampler_progress(self.dataset, self.config.seed, states))
         bundle.update_metadata(
             created=self.started_at, steps=self.step, samples_drawn=self.counters.samples_drawn,
             sample_tokens_seen=self.counters.sample_tokens_seen,
@@ -576,12 +690,9 @@ class Trainer:
         try:
             with self.console:
                 while self.step < cfg.steps:
-                    if self.session.stop_requested():
-                        reason = "stop"
-                        break
-                    record = self.train_step()
-                    if record is None:
-                        reason = "end_of_data"
+                    record = self.train_step()  # a stop request is agreed by the ranks inside it
+                    if isinstance(record, str):
+                        reason = record
                         break
                     last = record
                     self.log.write(last)
@@ -594,7 +705,8 @@ class Trainer:
                         self.save(last)
                         saved_at = self.step
             if reason == "stop":
-                self.log.write({"event": "stop", "step": self.step, "reason": self.session.stop_reason()})
+                self.log.write({"event": "stop", "step": self.step,
+                            "reason": self.session.stop_reason() or "a stop request seen by another worker"})
             plot = None
             if self.step > start:  # an attempt that trained nothing leaves the bundle as it was
                 if evaluated_at != self.step:

@@ -24,6 +24,7 @@ from aios.train.checkpoint import (
     CheckpointUnusable,
     list_checkpoints,
     publish_checkpoint,
+    seal_checkpoint,
     set_aside,
     step_dir_name,
     verify_checkpoint,
@@ -42,13 +43,24 @@ class Session(Protocol):
         """Resume: call `load(directory)` on the newest usable checkpoint and return that directory, or None.
 
         `load` raises CheckpointUnusable for a checkpoint whose content cannot be used (the session then
-        sets it aside and tries an older one) and AiosError to refuse the resume altogether."""
+        sets it aside and tries an older one) and AiosError to refuse the resume altogether. When `load` was
+        tried and no checkpoint loaded, the resume is refused (the trainer may hold part of one)."""
 
     def staging_dir(self, step: int) -> Path:
-        """An empty local directory to write a checkpoint of `step` into before `report`."""
+        """A local directory to write this rank's files of a checkpoint of `step` into before `report` (one
+        directory for all ranks; the files of an earlier attempt there are overwritten or removed by the seal)."""
 
     def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> Path | None:
-        """Record metrics and persist a sealed checkpoint. A barrier: every rank calls it equally often."""
+        """Record metrics; with `checkpoint_dir` (every rank has written its files into the same directory)
+        seal it once all ranks have, and persist it. A barrier: every rank calls it equally often. Returns
+        the published checkpoint on rank 0."""
+
+    def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Replace each parameter's gradient by its sum over all ranks (data parallelism: every rank holds the
+        same weights and takes the same optimizer step). Called by every rank once per step."""
+
+    def all_reduce(self, values: torch.Tensor) -> torch.Tensor:
+        """The element-wise sum of a 1-D float64 tensor over all ranks (every rank calls it equally often)."""
 
     def enter_loop(self) -> None:
         """From now on a stop request (signal, stop file) ends the loop after the current step; before,
@@ -76,21 +88,31 @@ def restore_newest(checkpoints_dir: Path, load: Callable[[Path], None], *, requi
     """`load` the newest usable checkpoint in `checkpoints_dir` and return it (None when there is none).
 
     A checkpoint that fails verification or that `load` finds unusable is set aside and the previous one is
-    tried; with `require` (the bundle holds trained work) finding none at all refuses the resume."""
+    tried; with `require` (the bundle holds trained work) finding none at all refuses the resume, and so does
+    finding none that loads after `load` was tried on one (it may have applied part of it)."""
+    tried = False
     for candidate in reversed(list_checkpoints(checkpoints_dir)):
         problem = verify_checkpoint(candidate)
         if problem is None:
             try:
+                tried = True
                 load(candidate)
                 return candidate
             except CheckpointUnusable as exc:
                 problem = f"it cannot be loaded ({exc})"
         log.warning("skipping checkpoint %s: %s; trying the previous one", candidate, problem)
         set_aside(candidate, "invalid")
+    if tried:
+        raise_unloadable(checkpoints_dir)
     if require:
         raise AiosError(f"--resume: no intact checkpoint in {checkpoints_dir} (invalid ones were moved aside as "
                         f"step-N.invalid-*): repair one, or train a new --brain-name")
     return None
+
+
+def raise_unloadable(checkpoints_dir: Path) -> None:
+    raise AiosError(f"no checkpoint in {checkpoints_dir} could be loaded (they were moved aside as "
+                    f"step-N.invalid-*): repair one and resume, or train a new --brain-name")
 
 
 def new_staging_root(checkpoints_dir: Path) -> Path:
@@ -198,9 +220,16 @@ class LocalSession:
             self._staging_root = new_staging_root(self.checkpoints_dir)
         return empty_step_dir(self._staging_root, step)
 
+    def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        pass  # one rank: its gradients are the sum
+
+    def all_reduce(self, values: torch.Tensor) -> torch.Tensor:
+        return values
+
     def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> Path | None:
         if checkpoint_dir is None:
             return None
+        seal_checkpoint(Path(checkpoint_dir))
         return publish_checkpoint(Path(checkpoint_dir), self.checkpoints_dir, int(metrics["step"]), self.keep)
 
     def close(self) -> None:

@@ -241,12 +241,15 @@ def test_to_cli_args_round_trips_every_field(corpus):
         "gradient_checkpointing": False, "amp": False, "use_8bit_optimizer": True, "compile": True, "ddp": True,
         "cuda_ids": "2,3", "world_size": 2, "zero_stage": "zero3", "expert_id": "e1",
         "parallel_independent": True, "device": "cuda", "launcher": "ray", "ray_address": "10.0.0.5:6379",
-        "max_failures": 2, "bundle_dir": "out/brains", "brain_name": "all-fields",
+        "max_failures": 2, "cpus_per_worker": 1, "bundle_dir": "out/brains", "brain_name": "all-fields",
     }
-    # --amp-dtype means nothing with --no-amp (and is refused then): it gets a config of its own below.
+    # --amp-dtype means nothing with --no-amp (and is refused then): it gets a config of its own below; the
+    # launcher keeps its default, ray, which the Ray flags above need (so it writes no flag).
     assert sorted(everything) == sorted(set(TrainingConfig.model_fields) - {"amp_dtype"})
     config = TrainingConfig(**everything)
-    assert len(config.to_cli_args()) == len(TrainingConfig.model_fields) - 1
+    assert len(config.to_cli_args()) == len(TrainingConfig.model_fields) - 2
+    local = TrainingConfig(launcher="local")
+    assert local.to_cli_args() == ["--launcher=local"] and parse_cli_args(local.to_cli_args()) == local
     assert parse_cli_args(config.to_cli_args()) == config
     fp16 = TrainingConfig(amp_dtype="fp16")
     assert fp16.to_cli_args() == ["--amp-dtype=fp16"] and parse_cli_args(fp16.to_cli_args()) == fp16

@@ -16,7 +16,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 AIOS = [sys.executable, "-m", "aios.cli.main"]
 TINY = ["--config", "config/train/demo-cpu.yaml", "--hidden-size", "32", "--num-heads", "2", "--max-seq-len", "16",
-        "--batch-size", "4", "--eval-batches", "1", "--checkpoint-every", "0", "--eval-every", "0", "--no-progress"]
+        "--batch-size", "4", "--eval-batches", "1", "--checkpoint-every", "0", "--eval-every", "0", "--no-progress",
+        "--launcher", "local"]  # in this process: these tests are about the CLI (tests/cluster run it on Ray)
 
 
 def aios(*args, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -206,7 +207,8 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_zero(tmp_path):
     (["--hidden-size", "33"], "--hidden-size: 33 is not divisible by --num-heads 2"),
     (["--brain-name", "../escape"], "--brain-name '../escape' is not a single directory name"),
     (["--brain-name", ".hidden"], "--brain-name '.hidden' starts with '.', which would hide it from `aios brains list`"),
-    (["--ddp"], "--ddp is not available yet"),
+    (["--world-size", "2"], "--world-size 2 needs --launcher ray"),
+    (["--parallel-independent"], "--parallel-independent is not supported"),
     (["--lr", "inf"], "--lr must be a finite number, got inf"),
     (["--weight-decay", "nan"], "--weight-decay must be a finite number, got nan"),
 ])

@@ -58,7 +58,15 @@ def test_world_size_1_on_ray_trains_what_the_local_launcher_trains(ray_cluster, 
     assert (result.bundle / "training_curves.png").is_file()
     assert BrainBundle(result.bundle).metadata()["run"] == {
         "launcher": "ray", "world_size": 1, "ray_version": ray.__version__,
-        "ray_storage": str(result.bundle / "checkpoints"), "ray_restarts": 0}
+        "ray_storage": str(result.bundle / "checkpoints"), "ray_restarts": 0, "torch_threads": 2}  # the node's CPUs
+
+
+def test_cpus_per_worker_sets_the_worker_s_cpus_and_threads_and_too_many_are_refused(ray_cluster, config):
+    result = launch(config.replace(brain_name="one-cpu", launcher="ray", cpus_per_worker=1, steps=2))
+    assert BrainBundle(result.bundle).metadata()["run"]["torch_threads"] == 1
+    with pytest.raises(AiosError, match="2 workers x 2 CPUs need 4 CPUs on this node, which has 2: lower "
+                                        "--cpus-per-worker or --world-size"):
+        launch(config.replace(brain_name="too-many", launcher="ray", world_size=2, cpus_per_worker=2))
 
 
 @pytest.mark.parametrize("fault", ["raise", "sigkill"])

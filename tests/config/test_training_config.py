@@ -78,9 +78,9 @@ REFUSALS = [
     ({"use_moe": True, "num_experts": 2, "num_experts_per_tok": 3},
      "--num-experts-per-tok: 3 is more than --num-experts 2; pass at most 2"),
     ({"num_experts": 8}, "--num-experts has no effect without --use-moe; add --use-moe or drop --num-experts"),
-    ({"max_failures": 2},
+    ({"max_failures": 2, "launcher": "local"},
      "--max-failures has no effect with --launcher local; add --launcher ray or drop --max-failures"),
-    ({"ray_address": "10.0.0.5:6379"},
+    ({"ray_address": "10.0.0.5:6379", "launcher": "local"},
      "--ray-address has no effect with --launcher local; add --launcher ray or drop --ray-address"),
     ({"launcher": "slurm"}, "--launcher: 'slurm' is not a valid choice; choose one of: local, ray"),
     ({"cuda_ids": "0,gpu1"}, "--cuda-ids '0,gpu1' is not a comma-separated list of GPU numbers; pass e.g. 0,1"),
@@ -186,7 +186,7 @@ def unusual_config(tmp_path: Path) -> TrainingConfig:
     return TrainingConfig(
         dataset_file=str(data), eval_file=str(data), text_field="body", window_size=0, lr=3e-5,
         expansion=8 / 3, min_lr_ratio=0.0, seed=0, optimizer="adam-atan2", amp=False, progress=False,
-        cuda_ids="0,1", world_size=2, brain_name="exp.1_b-2", stop_file="STOP",
+        cuda_ids="0,1", world_size=2, launcher="ray", brain_name="exp.1_b-2", stop_file="STOP",
     )
 
 
@@ -344,13 +344,9 @@ def test_demo_cpu_preset_data_paths_exist_from_the_repo_root(monkeypatch):
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"ddp": True},
-         "--ddp is not available yet: multi-worker training arrives with the Ray Train job; run without --ddp"),
         ({"cuda_ids": "0,1"}, "--cuda-ids is not available yet"),
-        ({"world_size": 4}, "--world-size 4 is not available yet"),
         ({"zero_stage": "zero2"}, "--zero-stage zero2 is not available yet"),
         ({"expert_id": "e0"}, "--expert-id is not available yet"),
-        ({"parallel_independent": True}, "--parallel-independent is not available yet"),
     ],
 )
 def test_unavailable_features_are_named_not_ignored(settings, message):
@@ -360,6 +356,16 @@ def test_unavailable_features_are_named_not_ignored(settings, message):
 
 
 def test_unavailable_features_lists_every_one_set():
-    config = TrainingConfig(ddp=True, world_size=2, zero_stage="zero1")
-    assert [m.split()[0] for m in config.unavailable_features()] == ["--ddp", "--world-size", "--zero-stage"]
-    assert TrainingConfig(world_size=1).unavailable_features() == []  # one worker is what runs today
+    config = TrainingConfig(cuda_ids="0", world_size=2, launcher="ray", zero_stage="zero1", ddp=True)
+    assert [m.split()[0] for m in config.unavailable_features()] == ["--cuda-ids", "--zero-stage"]
+    assert TrainingConfig(world_size=2, launcher="ray", ddp=True).unavailable_features() == []
+
+
+def test_several_workers_need_the_ray_launcher_and_replace_parallel_independent():
+    with pytest.raises(ValueError, match="--world-size 2 needs --launcher ray"):
+        TrainingConfig(world_size=2, launcher="local")
+    assert TrainingConfig(world_size=2).launcher == "ray"  # the default
+    TrainingConfig(world_size=1)  # one worker runs in-process too
+    [message] = TrainingConfig(parallel_independent=True, launcher="ray", world_size=2).unavailable_features()
+    assert message.startswith("--parallel-independent is not supported: data-parallel training")
+

@@ -86,6 +86,7 @@ def shared(tmp_path_factory) -> dict:
         data_cache_dir=str(cache), hidden_size=32, num_heads=2, expansion=2.0, h_layers=1, l_layers=1,
         h_cycles=1, l_cycles=1, halt_max_steps=2, batch_size=4, steps=1, eval_batches=1, checkpoint_every=0,
         amp=False, gradient_checkpointing=False, progress=False, bundle_dir=str(work / "brains"), brain_name="tiny",
+        launcher="local",
     )
     launch(config)
     return {"text": text, "cache": cache, "brain": work / "brains" / "tiny"}
@@ -94,7 +95,8 @@ def shared(tmp_path_factory) -> dict:
 def train_args(shared: dict, tmp_path: Path, *args: str) -> list[str]:
     return ["hrm-hf", "train-actv1", "--model", str(TOKENIZER), "--max-seq-len", str(SEQ_LEN),
             "--dataset-chunk-size", "64", "--data-cache-dir", str(shared["cache"]), "--hidden-size", "32",
-            "--num-heads", "2", "--steps", "1", "--no-progress", "--bundle-dir", str(tmp_path / "brains"), *args]
+            "--num-heads", "2", "--steps", "1", "--no-progress", "--bundle-dir", str(tmp_path / "brains"),
+            "--launcher", "local", *args]
 
 
 def run(capsys, args: list[str]) -> str:

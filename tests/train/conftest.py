@@ -35,7 +35,7 @@ def make_config(tmp_path, small_text, data_cache):
             data_cache_dir=str(data_cache), hidden_size=32, num_heads=2, expansion=2.0, h_layers=1, l_layers=1,
             h_cycles=1, l_cycles=2, halt_max_steps=3, batch_size=4, steps=6, lr=3e-3, warmup_steps=2,
             eval_batches=2, checkpoint_every=0, amp=False, gradient_checkpointing=False, progress=False,
-            bundle_dir=str(tmp_path / "brains"), brain_name="tiny", seed=7,
+            bundle_dir=str(tmp_path / "brains"), brain_name="tiny", seed=7, launcher="local",
         )
         settings.update(overrides)
         return TrainingConfig(**settings)

@@ -63,10 +63,16 @@ CHECKED_BY = {
     "amp_dtype": "tests.train.test_options::test_amp_bf16_trains_on_cpu_and_fp16_falls_back_loudly",
     "use_8bit_optimizer": "tests.train.test_optim::test_optimizer_choice_and_loud_8bit_fallback",
     **{name: "tests.config.test_training_config::test_unavailable_features_are_named_not_ignored" for name in (
-        "ddp", "cuda_ids", "world_size", "zero_stage", "expert_id", "parallel_independent")},
+        "cuda_ids", "zero_stage", "expert_id")},
+    "parallel_independent":
+        "tests.config.test_training_config::test_several_workers_need_the_ray_launcher_and_replace_parallel_independent",
+    **{name: "tests.cluster.test_ray_ddp::test_two_workers_train_bit_for_bit_what_one_worker_accumulating_trains"
+       for name in ("ddp", "world_size")},
     "device": "tests.train.test_options::test_device_cuda_without_cuda_is_refused",
     "launcher": "tests.cluster.test_ray_job::test_world_size_1_on_ray_trains_what_the_local_launcher_trains",
     "ray_address": "tests.cluster.test_ray_job::test_an_address_where_no_cluster_listens_is_one_line_and_writes_nothing",
+    "cpus_per_worker":
+        "tests.cluster.test_ray_job::test_cpus_per_worker_sets_the_worker_s_cpus_and_threads_and_too_many_are_refused",
     "max_failures": "tests.cluster.test_ray_job::test_a_failed_worker_is_restarted_from_the_newest_checkpoint_to_the_same_weights",
     "bundle_dir": "tests.train.test_loop::test_a_run_writes_a_complete_bundle_and_metrics",
     "brain_name": "tests.train.test_loop::test_a_run_writes_a_complete_bundle_and_metrics",

@@ -243,9 +243,15 @@ def test_a_checkpoint_of_an_older_format_is_refused_not_taken_for_corruption(mak
 def _sealed(tmp_path: Path, name: str, content: str) -> Path:
     staged = tmp_path / "staging" / name
     staged.mkdir(parents=True)
-    (staged / "state.json").write_text(content)
+    for file in ckpt.expected_files(1):  # placeholders: these tests move directories, they load nothing
+        (staged / file).write_text(file)
+    (staged / "state.json").write_text(json.dumps({"world_size": 1, "content": content}))
     ckpt.seal_checkpoint(staged)
     return staged
+
+
+def _content(directory: Path) -> str:
+    return json.loads((directory / "state.json").read_text())["content"]
 
 
 def test_saving_a_step_again_swaps_it_in_one_step(tmp_path, monkeypatch):
@@ -259,8 +265,8 @@ def test_saving_a_step_again_swaps_it_in_one_step(tmp_path, monkeypatch):
     real_rmtree = shutil.rmtree
 
     def rmtree(path, *args, **kwargs):  # at the moment the old copy is deleted, step-6 is the new, intact one
-        removed.append(Path(path).read_text() if Path(path).is_file() else (Path(path) / "state.json").read_text())
-        assert ckpt.verify_checkpoint(final) is None and (final / "state.json").read_text() == "new"
+        removed.append(Path(path).read_text() if Path(path).is_file() else _content(Path(path)))
+        assert ckpt.verify_checkpoint(final) is None and _content(final) == "new"
         return real_rmtree(path, *args, **kwargs)
 
     monkeypatch.setattr(shutil, "rmtree", rmtree)
@@ -276,7 +282,7 @@ def test_without_an_atomic_swap_the_existing_step_is_kept(tmp_path, monkeypatch,
     monkeypatch.setattr(ckpt, "exchange_dirs", lambda a, b: False)  # a filesystem without RENAME_EXCHANGE
     with caplog.at_level(logging.WARNING):
         ckpt.publish_checkpoint(_sealed(tmp_path, "b", "new"), checkpoints, 6, keep=3)
-    assert (checkpoints / "step-000006" / "state.json").read_text() == "old"
+    assert _content(checkpoints / "step-000006") == "old"
     assert "cannot swap directories atomically" in caplog.text
 
 
@@ -492,3 +498,22 @@ def test_a_resume_never_rewrites_a_log_file_of_another_brain(make_config, tmp_pa
 
 def test_a_cpu_run_keeps_no_cuda_rng_state():
     assert "cuda" not in ckpt.capture_rng_state(torch.device("cpu"))
+
+
+def test_when_no_verified_checkpoint_loads_the_resume_is_refused_not_started_over(tmp_path):
+    """A load that failed part-way may have applied some of a checkpoint: starting from step 0 on top of it
+    would train a mixture (and, on several workers, ranks in different states)."""
+    from aios.train.session import restore_newest
+
+    checkpoints = tmp_path / "checkpoints"
+    ckpt.publish_checkpoint(_sealed(tmp_path, "a", "one"), checkpoints, 3, keep=3)
+    tried = []
+
+    def load(directory):
+        tried.append(directory.name)
+        raise ckpt.CheckpointUnusable("half applied")
+
+    with pytest.raises(AiosError, match="no checkpoint in .* could be loaded .*moved aside"):
+        restore_newest(checkpoints, load, require=False)
+    assert tried == ["step-000003"] and ckpt.list_checkpoints(checkpoints) == []  # set aside, not deleted
+    assert restore_newest(checkpoints, load, require=False) is None  # nothing left to try: a fresh start

@@ -1,0 +1,161 @@
+"""`--world-size 2`: two TorchTrainer workers with DDP on a real local Ray cluster (gloo, one CPU each).
+
+The reference for every test is the in-process launcher with one worker accumulating two micro-batches:
+the loop divides the loss by the global batch and DDP's hook sums the two ranks' gradients, so two workers
+with one micro-batch each compute bit for bit what one worker computes with two (the same micro-batch
+gradients, added once), and each slot reads the same samples (the sampler's partitions do not depend on the
+world size). Every test is bounded by a timeout: a rank waiting forever in a collective fails it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from aios.bundle import BrainBundle
+from aios.train import launch
+from aios.train.checkpoint import COMPLETE, expected_files, list_checkpoints, verify_checkpoint
+from tests.cluster.test_ray_job import steps_logged
+from tests.train.test_loop import assert_same_weights
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def records(bundle: Path, event: str) -> list[dict]:
+    return [r for r in map(json.loads, (bundle / "metrics.jsonl").read_text().splitlines()) if r["event"] == event]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """In-process runs with the one thread each worker gets (2 CPUs, 2 workers): CPU kernels sum in an order
+    that depends on the thread count, so bitwise equality holds at equal threads per worker."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def config(make_config):
+    # b=2 per worker; exploration on (per slot, from the step), halt_max_steps 3 leaves rows mid-sample
+    return make_config(steps=8, checkpoint_every=3, batch_size=2, halt_exploration_prob=0.5)
+
+
+@pytest.fixture
+def one_worker(config):
+    """The reference: one in-process worker accumulating the two micro-batches the two workers take."""
+    return launch(config.replace(brain_name="one-worker", gradient_accumulation_steps=2))
+
+
+def two_workers(config, name: str, **changes):
+    return launch(config.replace(brain_name=name, launcher="ray", world_size=2, **changes))
+
+
+def test_two_workers_train_bit_for_bit_what_one_worker_accumulating_trains(ray_cluster, config, one_worker):
+    result = two_workers(config, "ddp", ddp=True)  # --ddp is accepted (implied by --world-size 2)
+    assert (result.reason, result.step) == ("steps", 8)
+    assert_same_weights(one_worker.bundle, result.bundle)
+    assert result.final_eval == one_worker.final_eval  # eval sharded over the ranks, its sums reduced
+    ours, theirs = records(result.bundle, "step"), records(one_worker.bundle, "step")
+    for key in ("samples_drawn", "halted", "segment_tokens_seen"):  # reduced over both ranks
+        assert [r[key] for r in ours] == [r[key] for r in theirs], key
+    for a, b in zip(ours, theirs, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-12) and a["grad_norm"] == b["grad_norm"]
+    # every checkpoint holds both ranks' files, all covered by the seal rank 0 wrote after both had written
+    for checkpoint in list_checkpoints(result.bundle / "checkpoints"):
+        sealed = json.loads((checkpoint / COMPLETE).read_text())["files"]
+        assert sorted(sealed) == sorted(expected_files(2)) and verify_checkpoint(checkpoint) is None
+    assert [p.name for p in (result.bundle / "checkpoints").iterdir() if p.name.startswith(".staging")] == []
+    run = BrainBundle(result.bundle).metadata()["run"]
+    assert (run["launcher"], run["world_size"], run["ray_version"]) == ("ray", 2, ray.__version__)
+    tracker = BrainBundle(result.bundle).tracker()  # both ranks' samplers: the global view
+    assert tracker["partitions"] == 4 and tracker["slots"] == 4
+    assert tracker["state"] == BrainBundle(one_worker.bundle).tracker()["state"]
+
+
+def test_a_checkpoint_missing_a_rank_s_files_from_its_seal_is_not_intact(ray_cluster, config, tmp_path):
+    result = two_workers(config.replace(steps=3), "unsealed")
+    [checkpoint] = list_checkpoints(result.bundle / "checkpoints")
+    marker = checkpoint / COMPLETE
+    sealed = json.loads(marker.read_text())
+    del sealed["files"]["carry-rank1.safetensors"]  # as if rank 0 had sealed before rank 1 wrote
+    marker.write_text(json.dumps(sealed))
+    assert "carry-rank1.safetensors" in verify_checkpoint(checkpoint)
+
+
+@pytest.mark.parametrize("fault", ["raise", "sigkill"])
+def test_a_failed_worker_of_two_is_restarted_to_the_same_weights(ray_cluster, config, one_worker, tmp_path,
+                                                                 monkeypatch, fault):
+    once = tmp_path / f"fault-{fault}-fired"
+    monkeypatch.setenv("AIOS_TEST_FAULT", f"{fault}:5")  # after step 5: the checkpoint of step 3 is the newest
+    monkeypatch.setenv("AIOS_TEST_FAULT_ONCE", str(once))
+    monkeypatch.setenv("AIOS_TEST_FAULT_RANK", "1")
+    result = two_workers(config, f"fault-{fault}", max_failures=1)
+    assert once.exists()
+    assert (result.reason, result.step, result.trained_steps) == ("steps", 8, 5)
+    assert_same_weights(one_worker.bundle, result.bundle)
+    assert steps_logged(result.bundle) == list(range(1, 9))
+    assert BrainBundle(result.bundle).metadata()["run"]["ray_restarts"] == 1
+
+
+def test_a_stop_seen_by_one_rank_stops_both_after_the_same_step(ray_cluster, config, one_worker, tmp_path,
+                                                                monkeypatch):
+    monkeypatch.setenv("AIOS_TEST_FAULT", "stop:4")  # only rank 1 sees a stop request, after step 4
+    monkeypatch.setenv("AIOS_TEST_FAULT_ONCE", str(tmp_path / "fired"))
+    monkeypatch.setenv("AIOS_TEST_FAULT_RANK", "1")
+    result = two_workers(config, "stop-one-rank")
+    assert (result.reason, result.step) == ("stop", 4)
+    assert [p.name for p in list_checkpoints(result.bundle / "checkpoints")] == ["step-000003", "step-000004"]
+    assert records(result.bundle, "stop")[0]["reason"] == "a stop request seen by another worker"
+    # and the run goes on from there as if never stopped
+    resumed = launch(config.replace(brain_name="stop-one-rank", resume=True, gradient_accumulation_steps=2))
+    assert resumed.step == 8
+    assert_same_weights(one_worker.bundle, resumed.bundle)
+
+
+def test_the_end_of_the_data_on_one_rank_ends_both_before_the_step(ray_cluster, make_config, small_text, tmp_path):
+    text = tmp_path / "short.txt"
+    text.write_text(small_text.read_text()[:6000])  # a few hundred sequences: the partitions run out early
+    config = make_config(dataset_file=str(text), steps=10_000, batch_size=2, halt_exploration_prob=0.5,
+                         iterate=False)
+    local = launch(config.replace(brain_name="eod-one", gradient_accumulation_steps=2))
+    assert local.reason == "end_of_data"
+    result = two_workers(config, "eod-two")
+    assert (result.reason, result.step) == ("end_of_data", local.step)
+    assert_same_weights(local.bundle, result.bundle)
+
+
+def test_an_out_of_memory_error_on_one_rank_backs_off_both(ray_cluster, config, one_worker, tmp_path, monkeypatch):
+    monkeypatch.setenv("AIOS_TEST_FAULT", "oom:3")  # rank 1 only, in the first forward of step 3
+    monkeypatch.setenv("AIOS_TEST_FAULT_ONCE", str(tmp_path / "fired"))
+    monkeypatch.setenv("AIOS_TEST_FAULT_RANK", "1")
+    result = two_workers(config, "oom-one-rank")
+    assert (tmp_path / "fired").exists() and (result.reason, result.step) == ("steps", 8)
+    steps = records(result.bundle, "step")
+    assert [(r["micro_batch"], r["grad_accum"]) for r in steps] == [(2, 1)] * 2 + [(1, 2)] * 6  # both ranks
+    reference = records(one_worker.bundle, "step")
+    assert [r["samples_drawn"] for r in steps] == [r["samples_drawn"] for r in reference]  # the same order
+    for a, b in zip(steps, reference, strict=True):  # the same batch, summed in another order from step 3
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def test_a_run_resumes_across_world_sizes_with_the_same_sample_stream(ray_cluster, make_config):
+    # 1 worker (2 micro-batches) to step 4, then 2 workers to 6, then 1 worker (the split from the
+    # checkpoint's global batch: 2 accumulation steps of --batch-size 2) to 8; a constant learning rate, so
+    # that the stages' --steps do not change the schedule
+    config = make_config(steps=8, checkpoint_every=3, batch_size=2, halt_exploration_prob=0.5, warmup_steps=0,
+                         min_lr_ratio=1.0)
+    one_worker = launch(config.replace(brain_name="one-worker", gradient_accumulation_steps=2))
+    launch(config.replace(brain_name="elastic", steps=4, gradient_accumulation_steps=2))
+    two_workers(config.replace(resume=True, steps=6), "elastic")
+    final = launch(config.replace(brain_name="elastic", resume=True))
+    assert final.step == 8
+    ours, theirs = records(final.bundle, "step"), records(one_worker.bundle, "step")
+    assert [r["samples_drawn"] for r in ours] == [r["samples_drawn"] for r in theirs]  # the consumed samples
+    assert BrainBundle(final.bundle).tracker()["state"] == BrainBundle(one_worker.bundle).tracker()["state"]
+    assert_same_weights(one_worker.bundle, final.bundle)  # the reduction order allows it: bit for bit
+    assert [r["grad_accum"] for r in ours] == [2, 2, 2, 2, 1, 1, 2, 2]
