@@ -156,26 +156,8 @@ class RaySession:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
     def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
-        """One all-reduce (sum) of every gradient, through a flat buffer allocated once, so that it cannot run
-        out of memory itself."""
-        if self.world_size == 1:
-            return
-        if self._flat is None:
-            self._flat = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
-        offset, flat = 0, self._flat
-        for p in params:
-            part = flat[offset:offset + p.numel()]
-            part.copy_(p.grad.reshape(-1)) if p.grad is not None else part.zero_()
-            offset += p.numel()
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        offset = 0
-        for p in params:
-            part = flat[offset:offset + p.numel()].view_as(p)
-            if p.grad is None:
-                p.grad = part.clone()
-            else:
-                p.grad.copy_(part)
-            offset += p.numel()
+        if self.world_size > 1:
+            self._flat = sum_gradients(params, self._flat)
 
     def all_reduce(self, values: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:
@@ -252,3 +234,32 @@ class RaySession:
 
     def close(self) -> None:
         pass  # the driver removes the shared staging directory after the job
+
+
+def sum_gradients(params: list[torch.nn.Parameter], flat: torch.Tensor | None) -> torch.Tensor:
+    """Replace every gradient by its sum over the default process group's ranks, in one all-reduce of a flat
+    buffer (`flat`, allocated on the first call and returned for the next). A parameter no rank has a
+    gradient for (an expert no token chose) keeps none, as on one worker, so the optimizer skips it there too
+    (a zero gradient would still decay its weights)."""
+    total = sum(p.numel() for p in params)
+    if flat is None:  # the gradients, then one has-a-gradient flag per parameter
+        flat = torch.empty(total + len(params), dtype=params[0].dtype, device=params[0].device)
+    offset = 0
+    for p in params:
+        part = flat[offset:offset + p.numel()]
+        part.copy_(p.grad.reshape(-1)) if p.grad is not None else part.zero_()
+        offset += p.numel()
+    flat[total:].copy_(torch.tensor([p.grad is not None for p in params], dtype=flat.dtype))
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for p, anyone in zip(params, flat[total:].tolist(), strict=True):
+        part = flat[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+        if not anyone:
+            p.grad = None
+        elif p.grad is None:
+            p.grad = part.clone()
+        else:
+            p.grad.copy_(part)
+    return flat
+

@@ -209,6 +209,10 @@ class TrainingConfig(BaseModel):
                               min_length=1)
     brain_name: str = setting("default", "Bundle name: <bundle-dir>/<brain-name>/ (letters, digits, . _ -; "
                               "not starting with . or -).", "Bundle")
+    run_name: str | None = setting(
+        None, "Name of this training run, kept in the bundle: running the same command again with the same "
+        "--run-name continues it from its newest checkpoint (as --resume would), e.g. after the driver was "
+        "killed or a cluster retried the job.", "Bundle")
 
     # ---- field checks ---------------------------------------------------------------------------------
     @field_validator("*", mode="before")
@@ -258,6 +262,14 @@ class TrainingConfig(BaseModel):
             raise _setting_error(
                 f"{flag}: {what} {value!r}{matches}; pass an existing .txt/.jsonl/.csv file, directory or glob"
             )
+        return value
+
+    @field_validator("run_name")
+    @classmethod
+    def _run_name_is_plain(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}", value):
+            raise _setting_error(f"--run-name {value!r} is not a plain name: use up to 128 letters, digits, '.', "
+                                 f"'_' and '-', not starting with '.' or '-', e.g. --run-name nightly-1")
         return value
 
     @field_validator("brain_name")

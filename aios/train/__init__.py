@@ -44,8 +44,14 @@ def launch(config: TrainingConfig, callbacks=None):
     has_work = (bundle.root / WEIGHTS_NAME).exists() or (checkpoints.is_dir() and any(
         p.name.startswith("step-") for p in checkpoints.iterdir()))  # set-aside ones too: trained work
     if has_work and not config.resume:
-        raise AiosError(f"brain '{config.brain_name}' already holds a trained model in {bundle.root}: pass "
-                        f"--resume to continue it, or choose a new --brain-name")
+        if config.run_name and _recorded_run_name(bundle) == config.run_name:
+            log.info("run '%s' has trained brain '%s' before: continuing it from its newest checkpoint",
+                     config.run_name, config.brain_name)
+            config = config.replace(resume=True, check_paths=False)
+        else:
+            raise AiosError(f"brain '{config.brain_name}' already holds a trained model in {bundle.root}: pass "
+                            f"--resume to continue it (or the --run-name it was trained with), or choose a new "
+                            f"--brain-name")
     if config.resume and has_work:
         newest = newest_intact_checkpoint(checkpoints)
         reached = saved_step(newest) if newest is not None else None
@@ -147,3 +153,12 @@ def _check_stop_file(stop_file: str | None) -> None:
     if not path.parent.is_dir():
         raise AiosError(f"--stop-file {path}: its directory {path.parent} does not exist; create it or pass "
                         f"another path")
+
+
+def _recorded_run_name(bundle) -> str | None:
+    """The --run-name the bundle was last trained under (metadata.json), if any."""
+    try:
+        run = bundle.metadata().get("run") or {}
+    except Exception:  # noqa: BLE001 - an unreadable metadata.json names no run
+        return None
+    return run.get("run_name") if isinstance(run, dict) else None

@@ -207,6 +207,7 @@ class Trainer:
         self.sampler = self._new_sampler()
         self._set_carries([self._empty_carry() for _ in range(self.grad_accum)])
         self.counters = Counters()
+        self.epoch = 0  # the lowest epoch of any slot of any rank, as of the last step
         self.last_eval: dict | None = None
         self.unigram_entropy = self.dataset.unigram_entropy() if self.is_main else None
         self.log: MetricsLog | NullLog = NullLog()
@@ -333,6 +334,7 @@ class Trainer:
                 torch.cuda.manual_seed(cfg.seed + self.rank)
             ckpt.restore_rng_state(saved.rng, self.device)
         self.counters = Counters(**{f.name: state[f.name] for f in dataclasses.fields(Counters)})
+        self.epoch = state["epoch"]
 
     # -- one optimizer step -----------------------------------------------------------------------------
     def train_step(self) -> dict | str:
@@ -436,9 +438,10 @@ class Trainer:
             out_of_memory = True
         if out_of_memory:
             sums = {k: torch.zeros_like(v) for k, v in sums.items()}
-        local = torch.stack([torch.tensor(float(out_of_memory), dtype=torch.float64, device=self.device),
-                             torch.tensor(float(drawn), dtype=torch.float64, device=self.device),
-                             *(sums[k] for k in keys)])
+        header = [float(out_of_memory), float(drawn)] + [0.0] * self.world  # + each rank's lowest epoch
+        header[2 + self.rank] = float(self.sampler.epochs.min())
+        local = torch.cat([torch.tensor(header, dtype=torch.float64, device=self.device),
+                           torch.stack([sums[k] for k in keys])])
         reduced = self.session.all_reduce(local) if self.world > 1 else local  # the step's one metrics collective
         norm = (grad_norm.double().reshape(1) if grad_norm is not None
                 else torch.zeros(1, dtype=torch.float64, device=self.device))
@@ -446,7 +449,8 @@ class Trainer:
         if flat[0] > 0:
             return _OOM
         drawn = int(flat[1])
-        values = dict(zip([*keys, "grad_norm"], flat[2:], strict=True))
+        self.epoch = int(min(flat[2:2 + self.world]))  # the lowest epoch of any slot of any rank
+        values = dict(zip([*keys, "grad_norm"], flat[2 + self.world:], strict=True))
         loss_finite = math.isfinite(values["loss"])
         finite = loss_finite and math.isfinite(values["grad_norm"])
         lr = self.schedule(self.step)
@@ -572,7 +576,7 @@ class Trainer:
         rows, halted_rows, T = values["rows"], values["count"], self.config.max_seq_len
         segment_tokens = self.global_batch * T
         record = {
-            "event": "step", "step": self.step, "epoch": int(self.sampler.epochs.min()), "lr": lr,
+            "event": "step", "step": self.step, "epoch": self.epoch, "lr": lr,
             "loss": values["loss"] / rows, "lm_loss": values["lm_loss"] / rows,
             "q_halt_loss": values["q_halt_loss"] / rows, "q_continue_loss": values["q_continue_loss"] / rows,
             "aux_loss": values["aux_loss"] / (self.grad_accum * self.world), "grad_norm": values["grad_norm"],
@@ -640,7 +644,7 @@ class Trainer:
                      "config_grad_accum": self.config.gradient_accumulation_steps, "global_batch": self.global_batch,
                      "seed": self.config.seed, "optimizer_kind": self.optimizer_kind,
                      "config_hash": self.config.config_hash(), "model_config": self.model.config.to_dict(),
-                     "dataset_fingerprint": self.dataset.fingerprint, "epoch": int(self.sampler.epochs.min())}
+                     "dataset_fingerprint": self.dataset.fingerprint, "epoch": self.epoch}
         ckpt.write_checkpoint_files(staged, rank=self.rank, model=self.model if self.is_main else None,
                                     optimizer_state=optimizer_state, rng_state=ckpt.capture_rng_state(self.device),
                                     carries=self.carries,
@@ -667,7 +671,8 @@ class Trainer:
                       "eval": {"source": cfg.eval_file or "held-out tail of the training data",
                                "fingerprint": self.eval_dataset.fingerprint}},
             parameters=self.model.num_parameters(), last_metrics=last_metrics, last_eval=self.last_eval,
-            unigram_entropy=self.unigram_entropy, run=self.session.run_info(),
+            unigram_entropy=self.unigram_entropy,
+            run={**self.session.run_info(), **({"run_name": cfg.run_name} if cfg.run_name else {})},
         )
 
     # -- the run ------------------------------------------------------------------------------------------

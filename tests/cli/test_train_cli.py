@@ -242,6 +242,7 @@ def test_to_cli_args_round_trips_every_field(corpus):
         "cuda_ids": "2,3", "world_size": 2, "zero_stage": "zero3", "expert_id": "e1",
         "parallel_independent": True, "device": "cuda", "launcher": "ray", "ray_address": "10.0.0.5:6379",
         "max_failures": 2, "cpus_per_worker": 1, "bundle_dir": "out/brains", "brain_name": "all-fields",
+        "run_name": "run-1",
     }
     # --amp-dtype means nothing with --no-amp (and is refused then): it gets a config of its own below; the
     # launcher keeps its default, ray, which the Ray flags above need (so it writes no flag).

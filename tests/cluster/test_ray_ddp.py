@@ -159,3 +159,30 @@ def test_a_run_resumes_across_world_sizes_with_the_same_sample_stream(ray_cluste
     assert BrainBundle(final.bundle).tracker()["state"] == BrainBundle(one_worker.bundle).tracker()["state"]
     assert_same_weights(one_worker.bundle, final.bundle)  # the reduction order allows it: bit for bit
     assert [r["grad_accum"] for r in ours] == [2, 2, 2, 2, 1, 1, 2, 2]
+
+
+def test_rerunning_the_job_with_its_run_name_resumes_it_on_two_workers(ray_cluster, make_config, tmp_path,
+                                                                        monkeypatch):
+    config = make_config(steps=8, checkpoint_every=3, batch_size=2, halt_exploration_prob=0.5, warmup_steps=0,
+                         min_lr_ratio=1.0, run_name="job-1")
+    reference = launch(config.replace(brain_name="straight", gradient_accumulation_steps=2))
+    monkeypatch.setenv("AIOS_TEST_FAULT", "raise:5")  # the job fails after step 5 (no --max-failures)
+    monkeypatch.setenv("AIOS_TEST_FAULT_ONCE", str(tmp_path / "fired"))
+    with pytest.raises(Exception, match="injected failure after step 5"):
+        two_workers(config, "rerun")
+    monkeypatch.delenv("AIOS_TEST_FAULT")
+    result = two_workers(config, "rerun")  # the same command again: continues from the checkpoint of step 3
+    assert (result.step, result.trained_steps) == (8, 5)
+    assert_same_weights(reference.bundle, result.bundle)
+    assert steps_logged(result.bundle) == list(range(1, 9))
+    assert BrainBundle(result.bundle).metadata()["run"]["run_name"] == "job-1"
+
+
+
+def test_a_mixture_of_experts_trains_the_same_on_two_workers(ray_cluster, config):
+    # experts that no token of a rank chose have no gradient there; one that no token at all chose keeps
+    # none (the optimizer skips it on one worker, and must on two)
+    moe = config.replace(steps=4, checkpoint_every=0, use_moe=True, num_experts=4, num_experts_per_tok=1)
+    one = launch(moe.replace(brain_name="moe-one", gradient_accumulation_steps=2))
+    two = two_workers(moe, "moe-two")
+    assert_same_weights(one.bundle, two.bundle)

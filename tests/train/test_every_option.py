@@ -74,6 +74,7 @@ CHECKED_BY = {
     "cpus_per_worker":
         "tests.cluster.test_ray_job::test_cpus_per_worker_sets_the_worker_s_cpus_and_threads_and_too_many_are_refused",
     "max_failures": "tests.cluster.test_ray_job::test_a_failed_worker_is_restarted_from_the_newest_checkpoint_to_the_same_weights",
+    "run_name": "tests.train.test_resume::test_the_same_run_name_continues_the_run_and_another_is_refused",
     "bundle_dir": "tests.train.test_loop::test_a_run_writes_a_complete_bundle_and_metrics",
     "brain_name": "tests.train.test_loop::test_a_run_writes_a_complete_bundle_and_metrics",
 }

@@ -18,6 +18,7 @@ from aios.train import already_reached_message, launch
 from aios.train import checkpoint as ckpt
 from aios.train.loop import TrainCallbacks
 from tests.train.faults import PoisonLogits
+from tests.train.test_loop import assert_same_weights
 
 
 def weights(root: Path) -> dict[str, torch.Tensor]:
@@ -225,3 +226,19 @@ def test_a_run_that_fails_before_writing_leaves_no_brain_directory(make_config, 
     with pytest.raises(AiosError, match="binary"):
         launch(config)
     assert not (Path(config.bundle_dir) / config.brain_name).exists()
+
+
+def test_the_same_run_name_continues_the_run_and_another_is_refused(make_config):
+    # a constant learning rate: the two attempts' --steps do not change the schedule
+    config = make_config(steps=8, checkpoint_every=2, warmup_steps=0, min_lr_ratio=1.0, run_name="nightly")
+    straight = launch(config.replace(brain_name="straight"))
+    first = launch(config.replace(steps=4))
+    assert BrainBundle(first.bundle).metadata()["run"]["run_name"] == "nightly"
+    again = launch(config)  # the same command, no --resume: e.g. after the driver was killed
+    assert (again.step, again.trained_steps) == (8, 4)
+    assert_same_weights(straight.bundle, again.bundle)
+    for other in (config.replace(run_name="weekly"), config.replace(run_name=None)):
+        with pytest.raises(AiosError, match="already holds a trained model .*--run-name it was trained with"):
+            launch(other)
+    with pytest.raises(AiosError, match="--run-name .a b. is not a plain name"):
+        config.replace(run_name="a b")
