@@ -102,6 +102,7 @@ def summary_tables(name: str, info: dict) -> list[Table]:
         ("tokenizer", _source(meta.get("tokenizer"), "name")),
         ("train data", _source(datasets.get("train"), "source")),
         ("eval data", _source(datasets.get("eval"), "source")),
+        ("trained by", _run(meta.get("run"))),
     ])
     model = _fields_table("model", [
         ("hidden size D", _text(config.get("hidden_size"))),
@@ -116,6 +117,7 @@ def summary_tables(name: str, info: dict) -> list[Table]:
     ])
     progress = _fields_table("data progress", [
         ("epoch", _text(tracker.get("epoch"))),
+        ("partitions", _text(tracker.get("partitions"))),
         ("chunks completed", _of(tracker.get("chunks_completed"), tracker.get("total_chunks"))),
         ("sequences consumed", _passes(tracker.get("sequences_consumed"), tracker.get("total_train_sequences"))),
         ("updated", _text(tracker.get("updated"))),
@@ -195,3 +197,18 @@ def _moe(config: dict) -> str:
     if not config["use_moe"]:
         return "off"
     return f"{_text(config.get('num_experts'))} experts, top-{_text(config.get('num_experts_per_tok'))}"
+
+
+def _run(run: object) -> str:
+    """How the brain was last trained: "ray, 2 workers (run nightly-1, 1 restart)", "local, 1 worker"."""
+    if not isinstance(run, dict) or not run.get("launcher"):
+        return "-"
+    workers = run.get("world_size")
+    text = f"{run['launcher']}, {workers} worker{'s' if workers != 1 else ''}" if workers else str(run["launcher"])
+    extra = []
+    if run.get("run_name"):
+        extra.append(f"run {run['run_name']}")
+    if run.get("ray_restarts"):
+        extra.append(f"{run['ray_restarts']} restart{'s' if run['ray_restarts'] != 1 else ''}")
+    return text + (f" ({', '.join(extra)})" if extra else "")
+

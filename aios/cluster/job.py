@@ -252,6 +252,7 @@ def _train_worker(loop_config: dict) -> None:
         os.chdir(loop_config["cwd"])
     level = loop_config["log_level"] if ray.train.get_context().get_world_rank() == 0 else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)  # rank 0 speaks for all
+    _quiet_ray_train_reports()
     torch.set_num_threads(loop_config["threads"])
     config = TrainingConfig.from_dict(loop_config["config"], check_paths=False)
     bundle = BrainBundle.for_run(config.bundle_dir, config.brain_name)
@@ -279,6 +280,16 @@ def _train_worker(loop_config: dict) -> None:
             "bundle": str(result.bundle), "unigram_entropy": result.unigram_entropy,
             "trained_steps": result.trained_steps, "plot": str(result.plot) if result.plot else None,
         }))
+
+
+def _quiet_ray_train_reports() -> None:
+    """Ray Train logs every ray.train.report at INFO on a logger named by its file's path (not "ray...");
+    the checkpoint lines are in metrics.jsonl already."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray layout: its lines stay
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
 def _worker_device(config: TrainingConfig) -> torch.device:

@@ -103,7 +103,9 @@ def test_brains_show_prints_a_summary_of_the_json(trained):
     assert (rows["hidden size D"], rows["heads"]) == ("32", "2")
     assert rows["layers H / L"] == f"{config['H_layers']} / {config['L_layers']}"
     assert rows["M (halt max steps)"] == str(config["halt_max_steps"]) and rows["MoE"] == "off"
+    assert rows["trained by"] == "local, 1 worker"  # TINY runs in-process
     tracker = info["chunk_tracker_state"]
+    assert rows["partitions"] == str(tracker["partitions"]) == "4"  # the global batch: --batch-size 4
     passes = tracker["sequences_consumed"] / tracker["total_train_sequences"]
     assert rows["sequences consumed"] == (f"{tracker['sequences_consumed']:,} ({passes:.2f} passes over "
                                           f"{tracker['total_train_sequences']:,})")

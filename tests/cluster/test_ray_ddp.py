@@ -19,6 +19,7 @@ import torch
 from aios.bundle import BrainBundle
 from aios.train import launch
 from aios.train.checkpoint import COMPLETE, expected_files, list_checkpoints, verify_checkpoint
+from tests.cli.test_train_e2e import aios, table_rows
 from tests.cluster.test_ray_job import steps_logged
 from tests.train.test_loop import assert_same_weights
 
@@ -100,6 +101,8 @@ def test_a_failed_worker_of_two_is_restarted_to_the_same_weights(ray_cluster, co
     assert_same_weights(one_worker.bundle, result.bundle)
     assert steps_logged(result.bundle) == list(range(1, 9))
     assert BrainBundle(result.bundle).metadata()["run"]["ray_restarts"] == 1
+    shown = aios("brains", "show", f"fault-{fault}", "--bundle-dir", result.bundle.parent).stdout
+    assert table_rows(shown)["trained by"] == "ray, 2 workers (1 restart)"
 
 
 def test_a_stop_seen_by_one_rank_stops_both_after_the_same_step(ray_cluster, config, one_worker, tmp_path,
