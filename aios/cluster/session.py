@@ -33,17 +33,14 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from aios.errors import AiosError
 from aios.train.checkpoint import (
     CheckpointUnusable,
-    list_checkpoints,
     publish_checkpoint,
     seal_checkpoint,
     set_aside,
     step_dir_name,
-    verify_checkpoint,
 )
-from aios.train.session import raise_unloadable, restore_newest
+from aios.train.session import newest_verified, no_checkpoint_left, restore_newest
 
 log = logging.getLogger(__name__)
 
@@ -114,13 +111,10 @@ class RaySession:
             return restore_newest(self.checkpoints_dir, load, require=self.require_checkpoint)
         tried = False
         while True:
-            name = self._broadcast(self._newest_intact_name() if self.rank == 0 else None)
-            if name is None:
-                if tried:  # every rank got the same broadcast: all refuse together
-                    raise_unloadable(self.checkpoints_dir)
-                if self.require_checkpoint:
-                    raise AiosError(f"--resume: no intact checkpoint in {self.checkpoints_dir} (invalid ones were "
-                                    f"moved aside as step-N.invalid-*): repair one, or train a new --brain-name")
+            newest = newest_verified(self.checkpoints_dir) if self.rank == 0 else None
+            name = self._broadcast(newest.name if newest is not None else None)
+            if name is None:  # every rank got the same broadcast: all end the search together
+                no_checkpoint_left(self.checkpoints_dir, tried=tried, require=self.require_checkpoint)
                 return None
             candidate = self.checkpoints_dir / name
             tried = True
@@ -136,16 +130,6 @@ class RaySession:
                 return candidate
             if self.rank == 0:  # some rank could not load it: like corruption, set aside; try the previous one
                 set_aside(candidate, "invalid")
-
-    def _newest_intact_name(self) -> str | None:
-        """Rank 0: the newest checkpoint that passes verification; failing ones are set aside."""
-        for candidate in reversed(list_checkpoints(self.checkpoints_dir)):
-            problem = verify_checkpoint(candidate)
-            if problem is None:
-                return candidate.name
-            log.warning("skipping checkpoint %s: %s; trying the previous one", candidate, problem)
-            set_aside(candidate, "invalid")
-        return None
 
     def _broadcast(self, value):
         box = [value]

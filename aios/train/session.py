@@ -88,31 +88,40 @@ def restore_newest(checkpoints_dir: Path, load: Callable[[Path], None], *, requi
     """`load` the newest usable checkpoint in `checkpoints_dir` and return it (None when there is none).
 
     A checkpoint that fails verification or that `load` finds unusable is set aside and the previous one is
-    tried; with `require` (the bundle holds trained work) finding none at all refuses the resume, and so does
-    finding none that loads after `load` was tried on one (it may have applied part of it)."""
+    tried; at the end see `no_checkpoint_left`."""
     tried = False
-    for candidate in reversed(list_checkpoints(checkpoints_dir)):
-        problem = verify_checkpoint(candidate)
-        if problem is None:
-            try:
-                tried = True
-                load(candidate)
-                return candidate
-            except CheckpointUnusable as exc:
-                problem = f"it cannot be loaded ({exc})"
-        log.warning("skipping checkpoint %s: %s; trying the previous one", candidate, problem)
-        set_aside(candidate, "invalid")
-    if tried:
-        raise_unloadable(checkpoints_dir)
-    if require:
-        raise AiosError(f"--resume: no intact checkpoint in {checkpoints_dir} (invalid ones were moved aside as "
-                        f"step-N.invalid-*): repair one, or train a new --brain-name")
+    while (candidate := newest_verified(checkpoints_dir)) is not None:
+        tried = True
+        try:
+            load(candidate)
+            return candidate
+        except CheckpointUnusable as exc:
+            log.warning("skipping checkpoint %s: it cannot be loaded (%s); trying the previous one", candidate, exc)
+            set_aside(candidate, "invalid")
+    no_checkpoint_left(checkpoints_dir, tried=tried, require=require)
     return None
 
 
-def raise_unloadable(checkpoints_dir: Path) -> None:
-    raise AiosError(f"no checkpoint in {checkpoints_dir} could be loaded (they were moved aside as "
-                    f"step-N.invalid-*): repair one and resume, or train a new --brain-name")
+def newest_verified(checkpoints_dir: Path) -> Path | None:
+    """The newest checkpoint that passes verification; newer ones that fail it are set aside."""
+    for candidate in reversed(list_checkpoints(checkpoints_dir)):
+        problem = verify_checkpoint(candidate)
+        if problem is None:
+            return candidate
+        log.warning("skipping checkpoint %s: %s; trying the previous one", candidate, problem)
+        set_aside(candidate, "invalid")
+    return None
+
+
+def no_checkpoint_left(checkpoints_dir: Path, *, tried: bool, require: bool) -> None:
+    """The search found no usable checkpoint: refuse the resume when `load` was tried on one (it may have
+    applied part of it) or, with `require`, when the bundle holds trained work; else a fresh start."""
+    if tried:
+        raise AiosError(f"no checkpoint in {checkpoints_dir} could be loaded (they were moved aside as "
+                        f"step-N.invalid-*): repair one and resume, or train a new --brain-name")
+    if require:
+        raise AiosError(f"--resume: no intact checkpoint in {checkpoints_dir} (invalid ones were moved aside as "
+                        f"step-N.invalid-*): repair one, or train a new --brain-name")
 
 
 def new_staging_root(checkpoints_dir: Path) -> Path:
