@@ -9,6 +9,9 @@
     AIOS_TEST_FAULT_ONCE=PATH   required with it: the fault fires only while PATH does not exist (it is
                                 created, durably, just before), so the restarted workers run through
     AIOS_TEST_FAULT_RANK=R      the rank that fails (default 0)
+    AIOS_TEST_STEP_SLEEP_S=S    every worker sleeps S seconds after each step (alone or with a fault) while
+    AIOS_TEST_SLEEP_WHILE=PATH  PATH exists (always, without it): a test paces the job while it changes the
+                                cluster (adds or drains a node), then lets it run at full speed
 
 The driver forwards these variables to the workers' runtime environment. Tests use it to check that a
 job recovers from a failed worker with results bit-identical to an uninterrupted run.
@@ -18,12 +21,14 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import torch
 
 from aios.train.loop import TrainCallbacks
 
-VARIABLES = ("AIOS_TEST_FAULT", "AIOS_TEST_FAULT_ONCE", "AIOS_TEST_FAULT_RANK")
+VARIABLES = ("AIOS_TEST_FAULT", "AIOS_TEST_FAULT_ONCE", "AIOS_TEST_FAULT_RANK", "AIOS_TEST_STEP_SLEEP_S",
+             "AIOS_TEST_SLEEP_WHILE")
 
 
 def forwarded_env() -> dict[str, str]:
@@ -60,7 +65,26 @@ class FaultAfterStep(TrainCallbacks):
         raise RuntimeError(f"AIOS_TEST_FAULT: injected failure after step {self.step}")
 
 
+class SleepAfterStep(TrainCallbacks):
+    def __init__(self, seconds: float, while_file: str | None, then: TrainCallbacks | None):
+        self.seconds, self.while_file, self.then = seconds, while_file, then or TrainCallbacks()
+
+    def at(self, trainer, point: str, micro_step: int | None) -> None:
+        self.then.at(trainer, point, micro_step)
+
+    def after_step(self, trainer, record: dict) -> None:
+        if self.while_file is None or os.path.exists(self.while_file):
+            time.sleep(self.seconds)
+        self.then.after_step(trainer, record)
+
+
 def callbacks_from_env() -> TrainCallbacks | None:
+    fault = _fault_from_env()
+    sleep = os.environ.get("AIOS_TEST_STEP_SLEEP_S")
+    return SleepAfterStep(float(sleep), os.environ.get("AIOS_TEST_SLEEP_WHILE"), fault) if sleep else fault
+
+
+def _fault_from_env() -> TrainCallbacks | None:
     spec = os.environ.get("AIOS_TEST_FAULT")
     if not spec:
         return None

@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 RUN_NAME = "checkpoints"  # the Ray run's directory under the bundle: <bundle>/checkpoints
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray's record of a run's checkpoints, in that directory
 NODE_ID_LABEL = "ray.io/node-id"  # the label every Ray node carries with its node id
+# How often Ray looks for room to grow an elastic job, in seconds (Ray's default); AIOS_ELASTIC_RESIZE_INTERVAL_S
+# overrides it (the tests use a few seconds).
+ELASTIC_RESIZE_INTERVAL_S = 60.0
 
 
 def run_on_ray(config: TrainingConfig, bundle: BrainBundle, *, require_checkpoint: bool) -> TrainResult:
@@ -83,12 +86,22 @@ def run_on_ray(config: TrainingConfig, bundle: BrainBundle, *, require_checkpoin
 
 def _torch_trainer(config: TrainingConfig, bundle: BrainBundle, channel, *, require_checkpoint: bool,
                    staging_root: Path) -> TorchTrainer:
-    workers = config.world_size or 1
+    workers = config.max_workers
     node_id, node_cpus = _driver_node()
     cpus = config.cpus_per_worker or max(1, node_cpus // workers)
-    if cpus * workers > node_cpus:  # Ray would wait for them forever
-        raise AiosError(f"{workers} workers x {cpus} CPUs need {cpus * workers} CPUs on this node, which has "
-                        f"{node_cpus}: lower --cpus-per-worker or --world-size")
+    if config.elastic:
+        # Ray places the workers on any node with room (it resizes the job as nodes come and go), so every node
+        # must see the bundle and the prepared data: nodes of this machine only, until remote storage lands.
+        scaling = dict(num_workers=(config.min_workers, workers), resources_per_worker={"CPU": cpus},
+                       elastic_resize_monitor_interval_s=float(
+                           os.environ.get("AIOS_ELASTIC_RESIZE_INTERVAL_S", ELASTIC_RESIZE_INTERVAL_S)))
+        _check_elastic_cluster(config, cpus)
+    else:
+        if cpus * workers > node_cpus:  # Ray would wait for them forever
+            raise AiosError(f"{workers} workers x {cpus} CPUs need {cpus * workers} CPUs on this node, which has "
+                            f"{node_cpus}: lower --cpus-per-worker or --world-size")
+        # On the driver's node: the bundle and the prepared data are on its disk (remote storage is issue 8).
+        scaling = dict(num_workers=workers, resources_per_worker={"CPU": cpus}, label_selector={NODE_ID_LABEL: node_id})
     return TorchTrainer(
         _train_worker,
         train_loop_config={
@@ -96,9 +109,7 @@ def _torch_trainer(config: TrainingConfig, bundle: BrainBundle, channel, *, requ
             "require_checkpoint": require_checkpoint, "log_level": logging.getLogger().getEffectiveLevel(),
             "staging_root": str(staging_root.resolve()),
         },
-        # On the driver's node: the bundle and the prepared data are on its disk (remote storage is issue 8).
-        scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": cpus},
-                                     use_gpu=_use_gpu(config), label_selector={NODE_ID_LABEL: node_id}),
+        scaling_config=ScalingConfig(**scaling, use_gpu=_use_gpu(config)),
         run_config=RunConfig(
             name=RUN_NAME, storage_path=str(bundle.root.resolve()),
             failure_config=FailureConfig(max_failures=config.max_failures),
@@ -106,6 +117,32 @@ def _torch_trainer(config: TrainingConfig, bundle: BrainBundle, channel, *, requ
             logging_config=LoggingConfig(log_level="WARNING"),  # not every report's metrics
         ),
     )
+
+
+def _check_elastic_cluster(config: TrainingConfig, cpus: int) -> None:
+    node_id = ray.get_runtime_context().get_node_id()
+    nodes = ray.nodes()
+    here = next(node["NodeManagerAddress"] for node in nodes if node.get("NodeID") == node_id)
+    problem = elastic_cluster_problem(config, cpus, nodes, here)
+    if problem:
+        raise AiosError(problem)
+
+
+def elastic_cluster_problem(config: TrainingConfig, cpus: int, nodes: list[dict], here: str) -> str | None:
+    """Why an elastic job cannot run on this cluster (`nodes` as ray.nodes() lists them; `here`: the driver's
+    machine), or None. It may run on every node, so a node on another machine (whose disk does not hold the
+    bundle) is refused, and so is a cluster that cannot start even MIN workers (Ray would wait forever)."""
+    alive = [node for node in nodes if node.get("Alive")]
+    elsewhere = sorted({node.get("NodeManagerAddress") for node in alive} - {here})
+    if elsewhere:
+        return (f"--world-size {config.world_size}: an elastic job runs on every node, and this cluster has nodes "
+                f"on other machines ({', '.join(elsewhere[:3])}) that do not see this machine's bundle and data: use "
+                f"a fixed --world-size N (its workers stay on this node) until remote storage lands")
+    room = sum(int(node.get("Resources", {}).get("CPU", 0)) // cpus for node in alive)
+    if room < config.min_workers:
+        return (f"--world-size {config.world_size}: the cluster has room for {room} workers of {cpus} CPUs, fewer "
+                f"than the {config.min_workers} the job needs to start; lower --cpus-per-worker or the minimum")
+    return None
 
 
 def _forget_ray_snapshot(bundle: BrainBundle) -> None:
@@ -156,9 +193,13 @@ def _fit_off_the_main_thread(trainer: TorchTrainer) -> BaseException | None:
 
 def _connect(config: TrainingConfig) -> None:
     """Attach to the configured cluster or start an embedded one (a process already connected stays so)."""
+    address, flag = _address(config)
+    if config.cuda_ids is not None and (address or ray.is_initialized()):  # an attached cluster's GPUs are its own
+        raise AiosError(f"--cuda-ids chooses the GPUs of the embedded local Ray cluster, and this run attaches to "
+                        f"{'the cluster of ' + flag if address else 'the cluster this process is connected to'}: "
+                        f"drop --cuda-ids (set CUDA_VISIBLE_DEVICES where that cluster's nodes start)")
     if ray.is_initialized():
         return
-    address, flag = _address(config)
     if address:
         try:
             context = ray.init(address=address, log_to_driver=True)
@@ -169,10 +210,53 @@ def _connect(config: TrainingConfig) -> None:
         _log_dashboard(context)
         return
     # The dashboard listens on 127.0.0.1 only: an embedded cluster is this machine's business.
-    context = ray.init(num_cpus=os.cpu_count() or 1, dashboard_host="127.0.0.1", log_to_driver=True,
-                       logging_level=logging.WARNING)
-    log.info("started an embedded local Ray cluster (%s CPUs)", os.cpu_count())
+    gpus = {}
+    if config.cuda_ids is not None:  # the cluster's GPUs: Ray hands each worker one of these
+        gpus = {"num_gpus": len(config.cuda_ids.split(","))}
+    with _visible_devices(config.cuda_ids), _controller_poll():  # the cluster's processes inherit both
+        context = ray.init(num_cpus=os.cpu_count() or 1, dashboard_host="127.0.0.1", log_to_driver=True,
+                           logging_level=logging.WARNING, **gpus)
+    log.info("started an embedded local Ray cluster (%s CPUs%s)", os.cpu_count(),
+             f", GPUs {config.cuda_ids}" if config.cuda_ids is not None else "")
     _log_dashboard(context)
+
+
+# How often Ray Train's controller collects the workers' reports and notices that they finished, in an
+# embedded cluster (Ray's default is 2 s). It holds one report per worker at a time, so a checkpoint reported
+# sooner than this after the previous one waits for the collection, and so does the end of every job.
+CONTROLLER_POLL_S = "0.5"
+
+
+@contextlib.contextmanager
+def _controller_poll():
+    """RAY_TRAIN_HEALTH_CHECK_INTERVAL_S for the embedded cluster's processes, unless the user set one."""
+    if "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S" in os.environ:
+        yield
+        return
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = CONTROLLER_POLL_S
+    try:
+        yield
+    finally:
+        os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)
+
+
+@contextlib.contextmanager
+def _visible_devices(cuda_ids: str | None):
+    """CUDA_VISIBLE_DEVICES=cuda_ids while the embedded cluster starts (unchanged without --cuda-ids)."""
+    if cuda_ids is None:
+        yield
+        return
+    previous = os.environ.get("CUDA_VISIBLE_DEVICES")
+    # The ids count the GPUs this process sees, as torch numbers them: within an existing restriction, its i-th.
+    seen = previous.split(",") if previous else None
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(seen[int(i)] if seen else i for i in cuda_ids.split(","))
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = previous
 
 
 def _log_dashboard(context) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -207,6 +208,14 @@ class RaySession:
             return None
         reason, self._pending = ray.get(self._pending), None
         return reason
+
+    def preemption_notice(self) -> str | None:
+        info = ray.train.get_preemption_info()  # a barrier: every rank asks at the same steps
+        if info is None:
+            return None
+        when = (f" in {max(0.0, info.deadline_ms / 1000 - time.time()):.0f} s" if info.deadline_ms else "")
+        nodes = ", ".join(node[:12] for node in info.preempted_node_ids)
+        return f"node {nodes} (ranks {', '.join(map(str, info.preempted_ranks))}) is being drained{when}"
 
     def stop_reason(self) -> str:
         return self._reason or ""

@@ -181,9 +181,13 @@ class TrainingConfig(BaseModel):
     # ---- Distributed ----------------------------------------------------------------------------------
     ddp: bool = setting(False, "Data-parallel training over several workers (implied by --world-size N > 1; "
                         "accepted for the original tool's command lines).", "Distributed")
-    cuda_ids: str | None = setting(None, "GPUs to use, comma-separated (e.g. 0,1).", "Distributed")
-    world_size: int | None = setting(None, "Ray Train workers (data-parallel when more than one).",
-                                     "Distributed", gt=0)
+    cuda_ids: str | None = setting(
+        None, "GPUs to use, comma-separated (e.g. 0,1): the GPUs of the embedded Ray cluster, one per worker (with "
+        "--launcher local: the one it trains on).", "Distributed")
+    world_size: str | None = setting(
+        None, "Ray Train workers: N (data-parallel when more than one), or MIN-MAX for an elastic job that Ray "
+        "runs with as many workers as the cluster has room for, resized as nodes come and go (the global batch "
+        "stays --batch-size x --gradient-accumulation-steps x MAX).", "Distributed")
     zero_stage: Literal["none", "zero1", "zero2", "zero3"] = setting(
         "none", "ZeRO optimizer-state sharding stage.", "Distributed"
     )
@@ -203,6 +207,9 @@ class TrainingConfig(BaseModel):
     max_failures: int = setting(
         0, "With --launcher ray: worker failures (an exception, a killed process) Ray recovers from by "
         "restarting the workers from the newest checkpoint.", "Distributed", ge=0)
+    preemption_check_every: int = setting(
+        10, "With --launcher ray: every N steps the workers ask Ray whether a node of theirs is being drained "
+        "(a spot reclaim, a scale-down) and then save a checkpoint at once; 0 = never ask.", "Distributed", ge=0)
 
     # ---- Storage / Bundle -----------------------------------------------------------------------------
     bundle_dir: str = setting(DEFAULT_BUNDLE_DIR, "Directory that holds brain bundles.", "Storage",
@@ -221,6 +228,10 @@ class TrainingConfig(BaseModel):
         """Presets and saved configs get no silent coercion: `steps: true` is not 1, `amp: 1` is not true,
         and no number may be NaN or infinite (an `--lr inf` run would save NaN weights)."""
         flag = flag_name(info.field_name)
+        if info.field_name == "world_size" and isinstance(value, (int, bool)):
+            if isinstance(value, bool):
+                raise _setting_error(f"--world-size must be N or MIN-MAX, got {value!r}; pass e.g. --world-size 2")
+            value = str(value)  # `world_size: 2` in a preset or an older training_args.json
         kinds = _scalar_kinds(cls.model_fields[info.field_name].annotation)
         if value is None or not kinds:
             return value
@@ -271,6 +282,42 @@ class TrainingConfig(BaseModel):
             raise _setting_error(f"--run-name {value!r} is not a plain name: use up to 128 letters, digits, '.', "
                                  f"'_' and '-', not starting with '.' or '-', e.g. --run-name nightly-1")
         return value
+
+    @field_validator("world_size")
+    @classmethod
+    def _world_size_is_n_or_a_range(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", value)
+        low, high = (int(match.group(1)), int(match.group(2) or match.group(1))) if match else (0, 0)
+        if not match or low < 1 or high < low:
+            raise _setting_error(f"--world-size {value!r} is not a number of workers or a range of them: pass N "
+                                 f"(e.g. --world-size 2) or MIN-MAX with 1 <= MIN <= MAX (e.g. --world-size 1-4)")
+        return str(low) if low == high else f"{low}-{high}"  # canonical, so that equal configs hash equal
+
+    @property
+    def min_workers(self) -> int:
+        """The fewest Ray Train workers the job runs with (--world-size N or MIN-MAX; default 1)."""
+        return int((self.world_size or "1").split("-")[0])
+
+    @property
+    def max_workers(self) -> int:
+        """The most workers (N, or MAX of a range): the global batch is counted at this size."""
+        return int((self.world_size or "1").split("-")[-1])
+
+    @property
+    def elastic(self) -> bool:
+        """--world-size MIN-MAX with MIN < MAX: Ray picks the size, and changes it as the cluster does."""
+        return self.min_workers < self.max_workers
+
+    @property
+    def global_batch(self) -> int:
+        """Sequences per optimizer step: --batch-size x --gradient-accumulation-steps x MAX workers."""
+        return self.batch_size * self.gradient_accumulation_steps * self.max_workers
+
+    def accumulation_at(self, workers: int) -> int:
+        """The accumulation that keeps the global batch with `workers` workers (checked to be whole)."""
+        return self.global_batch // (self.batch_size * workers)
 
     @field_validator("brain_name")
     @classmethod
@@ -337,17 +384,55 @@ class TrainingConfig(BaseModel):
                         name,
                     )
         if self.launcher != "ray":
-            for name in ("ray_address", "max_failures", "cpus_per_worker"):
+            for name in ("ray_address", "max_failures", "cpus_per_worker", "preemption_check_every"):
                 if getattr(self, name) != type(self).model_fields[name].default:
                     raise _setting_error(f"{flag_name(name)} has no effect with --launcher {self.launcher}; add "
                                          f"--launcher ray or drop {flag_name(name)}", name)
-            if self.world_size is not None and self.world_size > 1:
+            if self.max_workers > 1:
                 raise _setting_error(f"--world-size {self.world_size} needs --launcher ray (the in-process launcher "
                                      f"runs one worker); add --launcher ray", "world_size")
+        if self.elastic:
+            self._check_elastic_batch()
+        if self.cuda_ids is not None:
+            self._check_cuda_ids()
 
         if self.amp is False and self.amp_dtype != type(self).model_fields["amp_dtype"].default:
             raise _setting_error("--amp-dtype has no effect with --no-amp; add --amp or drop --amp-dtype", "amp_dtype")
         return self
+
+    def _check_cuda_ids(self) -> None:
+        """--cuda-ids: the GPUs this run may use, one per worker (the in-process launcher: its one GPU)."""
+        ids = self.cuda_ids.split(",")
+        if self.device == "cpu":
+            raise _setting_error("--cuda-ids has no effect with --device cpu; drop --cuda-ids or use --device cuda",
+                                 "cuda_ids")
+        if self.launcher == "local" and len(ids) > 1:
+            raise _setting_error(f"--cuda-ids {self.cuda_ids}: the in-process launcher trains on one GPU; pass one "
+                                 f"(e.g. --cuda-ids {ids[0]}) or use --launcher ray with --world-size "
+                                 f"{len(ids)}", "cuda_ids")
+        if self.launcher == "ray" and self.ray_address is not None:
+            raise _setting_error("--cuda-ids chooses the GPUs of the embedded local Ray cluster; a cluster you attach "
+                                 "to with --ray-address has its own (set CUDA_VISIBLE_DEVICES where its nodes "
+                                 "start): drop --cuda-ids or --ray-address", "cuda_ids")
+        if self.launcher == "ray" and self.max_workers > len(ids):
+            raise _setting_error(f"--world-size {self.world_size} needs {self.max_workers} GPUs (one per worker) but "
+                                 f"--cuda-ids {self.cuda_ids} lists {len(ids)}: list more GPUs or lower --world-size",
+                                 "cuda_ids")
+
+    def _check_elastic_batch(self) -> None:
+        """Every size of a MIN-MAX range must keep the global batch in whole micro-batches of --batch-size."""
+        low, high = self.min_workers, self.max_workers
+        per_max = self.gradient_accumulation_steps * high  # G / --batch-size: every size must divide it
+        bad = [w for w in range(low, high + 1) if per_max % w]
+        if not bad:
+            return
+        need = math.lcm(*range(low, high + 1))
+        fix = need // math.gcd(need, high)  # the smallest accumulation at MAX whose global batch all sizes split
+        raise _setting_error(
+            f"--world-size {self.world_size}: the global batch of {self.global_batch} (--batch-size {self.batch_size}"
+            f" x --gradient-accumulation-steps {self.gradient_accumulation_steps} x {high} workers) must stay the "
+            f"same at every size, but {bad[0]} workers cannot share it in micro-batches of {self.batch_size}; pass "
+            f"--gradient-accumulation-steps {fix} (or a multiple) or a narrower range", "world_size")
 
     # ---- loading --------------------------------------------------------------------------------------
     @classmethod
@@ -434,9 +519,6 @@ class TrainingConfig(BaseModel):
     def unavailable_features(self) -> list[str]:
         """One message per flag whose behaviour is not built yet; `launch` refuses to run with any of them."""
         checks = [
-            (self.cuda_ids is not None, "--cuda-ids is not available yet: choosing the GPUs of the embedded Ray "
-                                        "cluster is not built; run without --cuda-ids (each worker gets one GPU "
-                                        "with --device cuda)"),
             (self.zero_stage != "none", f"--zero-stage {self.zero_stage} is not available yet: optimizer-state "
                                         "sharding arrives with the DeepSpeed issue; use --zero-stage none"),
             (self.expert_id is not None, "--expert-id is not available yet: per-expert training arrives with "

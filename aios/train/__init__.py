@@ -33,7 +33,7 @@ def launch(config: TrainingConfig, callbacks=None):
     unavailable = config.unavailable_features()
     if unavailable:
         raise AiosError(unavailable[0])
-    if config.ddp and (config.world_size or 1) == 1:
+    if config.ddp and config.max_workers == 1:
         log.warning("--ddp with one worker: nothing to run in parallel; pass --world-size N (N > 1) for "
                     "data-parallel training")
     if not config.dataset_file:
@@ -60,7 +60,7 @@ def launch(config: TrainingConfig, callbacks=None):
     if config.resume and not has_work:
         log.warning("--resume: brain '%s' has no checkpoint yet; starting a new run", config.brain_name)
     _check_stop_file(config.stop_file)
-    device = resolve_device(config.device)
+    device = resolve_device(config.device, config.cuda_ids)
     created = _check_output_paths(config, bundle.root, resuming=has_work)
     try:
         if config.launcher == "ray":

@@ -202,13 +202,16 @@ class Trainer:
                                  min_ratio=config.min_lr_ratio)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
 
-        self.micro_batch = config.batch_size
-        self.grad_accum = config.gradient_accumulation_steps
+        # The split this run asks for at this world size: --batch-size, and the accumulation that keeps the
+        # global batch (--batch-size x --gradient-accumulation-steps x MAX workers) with this many workers.
+        self.asked_split = (config.batch_size, config.accumulation_at(self.world))
+        self.micro_batch, self.grad_accum = self.asked_split
         self.sampler = self._new_sampler()
         self._set_carries([self._empty_carry() for _ in range(self.grad_accum)])
         self.counters = Counters()
         self.epoch = 0  # the lowest epoch of any slot of any rank, as of the last step
         self.last_eval: dict | None = None
+        self._preemption_seen = False  # a drain notice was answered (once per worker group)
         self.unigram_entropy = self.dataset.unigram_entropy() if self.is_main else None
         self.log: MetricsLog | NullLog = NullLog()
         self.console = Console(False, total=config.steps, start=0)
@@ -294,16 +297,15 @@ class Trainer:
         accumulation adjusted; refused when that is not a whole number of steps."""
         cfg, G = self.config, state["global_batch"]
         if state["world_size"] == self.world:
-            asked = (cfg.batch_size, cfg.gradient_accumulation_steps)
-            if asked != (state["config_micro_batch"], state["config_grad_accum"]):
-                return asked
+            if self.asked_split != (state["config_micro_batch"], state["config_grad_accum"]):
+                return self.asked_split
             return state["micro_batch"], state["grad_accum"]
         per_rank, b = G // self.world, cfg.batch_size
         if G % self.world or per_rank % b:
             raise AiosError(f"checkpoint {directory} was saved by {state['world_size']} workers with a global batch "
                             f"of {G}: {self.world} workers x --batch-size {b} cannot keep it; resume with a world "
                             f"size dividing {G} and a --batch-size dividing {G} / workers")
-        if b * cfg.gradient_accumulation_steps * self.world != G:
+        if G != cfg.global_batch:  # an elastic job's resize keeps its own global batch: nothing to say
             log.warning("resuming a %d-worker checkpoint with %d workers: %d accumulation steps of --batch-size %d "
                         "keep its global batch of %d", state["world_size"], self.world, per_rank // b, b, G)
         return b, per_rank // b
@@ -640,8 +642,8 @@ class Trainer:
             optimizer_state = {"optimizer": self.optimizer.state_dict(),
                                "scaler": self.scaler.state_dict() if self.scaler else None}
             state = {**dataclasses.asdict(self.counters), "world_size": self.world, "micro_batch": self.micro_batch,
-                     "grad_accum": self.grad_accum, "config_micro_batch": self.config.batch_size,
-                     "config_grad_accum": self.config.gradient_accumulation_steps, "global_batch": self.global_batch,
+                     "grad_accum": self.grad_accum, "config_micro_batch": self.asked_split[0],
+                     "config_grad_accum": self.asked_split[1], "global_batch": self.global_batch,
                      "seed": self.config.seed, "optimizer_kind": self.optimizer_kind,
                      "config_hash": self.config.config_hash(), "model_config": self.model.config.to_dict(),
                      "dataset_fingerprint": self.dataset.fingerprint, "epoch": self.epoch}
@@ -709,6 +711,9 @@ class Trainer:
                     if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                         self.save(last)
                         saved_at = self.step
+                    if self._preempted(saved_at):
+                        self.save(last)  # just in time: the restart on the nodes left resumes from here
+                        saved_at = self.step
             if reason == "stop":
                 self.log.write({"event": "stop", "step": self.step,
                             "reason": self.session.stop_reason() or "a stop request seen by another worker"})
@@ -726,6 +731,21 @@ class Trainer:
             self.log.close()
         return TrainResult(step=self.step, reason=reason, final_eval=self.last_eval, bundle=self.bundle.root,
                            unigram_entropy=self.unigram_entropy, trained_steps=self.step - start, plot=plot)
+
+    def _preempted(self, saved_at: int | None) -> bool:
+        """Every --preemption-check-every steps all ranks ask the session whether a node of the job is being
+        drained; the first notice of this worker group is answered with a checkpoint (unless this step has one),
+        and training goes on until the node goes."""
+        every = self.config.preemption_check_every
+        if not every or self.step % every or self.step >= self.config.steps or self._preemption_seen:
+            return False
+        notice = self.session.preemption_notice()
+        if notice is None:
+            return False
+        self._preemption_seen = True
+        log.warning("preemption: %s; saving a checkpoint at step %d", notice, self.step)
+        self.log.write({"event": "preemption", "step": self.step, "notice": notice})
+        return saved_at != self.step
 
     def _plot(self) -> Path | None:
         """training_curves.png in the bundle; a plot that cannot be drawn is worth a warning, not the run."""

@@ -72,11 +72,26 @@ class Session(Protocol):
     def stop_reason(self) -> str:
         """Why the stop was requested (for the metrics log)."""
 
+    def preemption_notice(self) -> str | None:
+        """What is about to take a node of this job away (a spot reclaim, a drain before a scale-down), or None.
+        Every rank calls it equally often and gets the same answer (on Ray it is a barrier)."""
+
     def run_info(self) -> dict:
         """How this run is executed, for metadata.json: launcher, world size and the launcher's own facts."""
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, cuda_ids: str | None = None) -> torch.device:
+    """The device of an in-process run (`--cuda-ids`: its first GPU); refuses GPUs this machine does not have."""
+    if cuda_ids is not None:
+        if not torch.cuda.is_available():
+            raise AiosError(f"--cuda-ids {cuda_ids}: no CUDA device is visible on this machine; drop --cuda-ids "
+                            f"(or use --device cpu)")
+        count = torch.cuda.device_count()
+        missing = [i for i in map(int, cuda_ids.split(",")) if i >= count]
+        if missing:
+            raise AiosError(f"--cuda-ids {cuda_ids}: this machine has {count} CUDA device(s), numbered 0 to "
+                            f"{count - 1}, so GPU {missing[0]} does not exist; pick from those")
+        return torch.device("cuda", int(cuda_ids.split(",")[0]))
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise AiosError("--device cuda: no CUDA device is visible; use --device cpu or --device auto")
@@ -211,6 +226,9 @@ class LocalSession:
         if self.signal_received:
             return self.signal_received
         return f"stop file {self.stop_file}"
+
+    def preemption_notice(self) -> str | None:
+        return None  # one process on this machine: nothing announces its end
 
     def run_info(self) -> dict:
         return {"launcher": "local", "world_size": 1}

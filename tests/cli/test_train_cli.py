@@ -216,7 +216,7 @@ def test_to_cli_args_round_trips_through_the_real_parser(corpus):
         halt_exploration_prob=0.0, grad_clip=0.0, window_size=0, seed=0, world_size=1, cuda_ids="0,1",
         expert_id="expert-3", stop_file="STOP", log_file="logs/m.jsonl", amp=False, progress=False,
         gradient_checkpointing=False, iterate=True, pos_encodings="learned", loss_type="stablemax",
-        optimizer="adam-atan2", zero_stage="zero2", device="cpu", brain_name="round.trip",
+        optimizer="adam-atan2", zero_stage="zero2", device="cuda", brain_name="round.trip",
     )
     args = config.to_cli_args()
     assert "--no-amp" in args and "--window-size=0" in args and "--lr=3e-05" in args
@@ -239,16 +239,19 @@ def test_to_cli_args_round_trips_every_field(corpus):
         "gradient_accumulation_steps": 4, "iterate": True, "stop_file": "STOP", "resume": True, "seed": 7,
         "log_file": "m.jsonl", "checkpoint_every": 0, "keep_checkpoints": 1, "progress": False,
         "gradient_checkpointing": False, "amp": False, "use_8bit_optimizer": True, "compile": True, "ddp": True,
-        "cuda_ids": "2,3", "world_size": 2, "zero_stage": "zero3", "expert_id": "e1",
-        "parallel_independent": True, "device": "cuda", "launcher": "ray", "ray_address": "10.0.0.5:6379",
-        "max_failures": 2, "cpus_per_worker": 1, "bundle_dir": "out/brains", "brain_name": "all-fields",
-        "run_name": "run-1",
+        "cuda_ids": "2,3", "world_size": "1-2", "zero_stage": "zero3", "expert_id": "e1",
+        "parallel_independent": True, "device": "cuda", "launcher": "ray",
+        "max_failures": 2, "cpus_per_worker": 1, "preemption_check_every": 3, "bundle_dir": "out/brains",
+        "brain_name": "all-fields", "run_name": "run-1",
     }
-    # --amp-dtype means nothing with --no-amp (and is refused then): it gets a config of its own below; the
-    # launcher keeps its default, ray, which the Ray flags above need (so it writes no flag).
-    assert sorted(everything) == sorted(set(TrainingConfig.model_fields) - {"amp_dtype"})
+    # --amp-dtype means nothing with --no-amp, and --ray-address nothing with --cuda-ids (both are refused then):
+    # they get configs of their own below; the launcher keeps its default, ray, which the Ray flags above need
+    # (so it writes no flag).
+    assert sorted(everything) == sorted(set(TrainingConfig.model_fields) - {"amp_dtype", "ray_address"})
     config = TrainingConfig(**everything)
-    assert len(config.to_cli_args()) == len(TrainingConfig.model_fields) - 2
+    assert len(config.to_cli_args()) == len(TrainingConfig.model_fields) - 3
+    attached = TrainingConfig(ray_address="10.0.0.5:6379")
+    assert parse_cli_args(attached.to_cli_args()) == attached
     local = TrainingConfig(launcher="local")
     assert local.to_cli_args() == ["--launcher=local"] and parse_cli_args(local.to_cli_args()) == local
     assert parse_cli_args(config.to_cli_args()) == config

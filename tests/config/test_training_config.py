@@ -64,7 +64,28 @@ REFUSALS = [
     ({"batch_size": -1}, "--batch-size must be greater than 0, got -1; pass a positive number"),
     ({"max_seq_len": 0}, "--max-seq-len must be greater than 0, got 0; pass a positive number"),
     ({"halt_max_steps": 0}, "--halt-max-steps must be greater than 0, got 0; pass a positive number"),
-    ({"world_size": 0}, "--world-size must be greater than 0, got 0; pass a positive number"),
+    ({"world_size": 0}, "--world-size '0' is not a number of workers or a range of them: pass N (e.g. "
+                        "--world-size 2) or MIN-MAX with 1 <= MIN <= MAX (e.g. --world-size 1-4)"),
+    ({"world_size": "3-2"}, "--world-size '3-2' is not a number of workers or a range of them: pass N (e.g. "
+                            "--world-size 2) or MIN-MAX with 1 <= MIN <= MAX (e.g. --world-size 1-4)"),
+    ({"world_size": True}, "--world-size must be N or MIN-MAX, got True; pass e.g. --world-size 2"),
+    ({"world_size": "1-3", "batch_size": 8},
+     "--world-size 1-3: the global batch of 24 (--batch-size 8 x --gradient-accumulation-steps 1 x 3 workers) must "
+     "stay the same at every size, but 2 workers cannot share it in micro-batches of 8; pass "
+     "--gradient-accumulation-steps 2 (or a multiple) or a narrower range"),
+    ({"cuda_ids": "0", "device": "cpu"}, "--cuda-ids has no effect with --device cpu; drop --cuda-ids or use "
+                                         "--device cuda"),
+    ({"cuda_ids": "0,1", "launcher": "local"},
+     "--cuda-ids 0,1: the in-process launcher trains on one GPU; pass one (e.g. --cuda-ids 0) or use --launcher ray "
+     "with --world-size 2"),
+    ({"cuda_ids": "0", "ray_address": "10.0.0.5:6379"},
+     "--cuda-ids chooses the GPUs of the embedded local Ray cluster; a cluster you attach to with --ray-address has "
+     "its own (set CUDA_VISIBLE_DEVICES where its nodes start): drop --cuda-ids or --ray-address"),
+    ({"cuda_ids": "0", "world_size": "1-2"},
+     "--world-size 1-2 needs 2 GPUs (one per worker) but --cuda-ids 0 lists 1: list more GPUs or lower --world-size"),
+    ({"preemption_check_every": 5, "launcher": "local"},
+     "--preemption-check-every has no effect with --launcher local; add --launcher ray or drop "
+     "--preemption-check-every"),
     ({"lr": 0.0}, "--lr must be greater than 0.0, got 0.0; pass a positive number"),
     ({"warmup_steps": -1}, "--warmup-steps must be at least 0, got -1; pass 0 or more"),
     ({"window_size": -4}, "--window-size must be at least 0, got -4; pass 0 or more"),
@@ -344,7 +365,6 @@ def test_demo_cpu_preset_data_paths_exist_from_the_repo_root(monkeypatch):
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"cuda_ids": "0,1"}, "--cuda-ids is not available yet"),
         ({"zero_stage": "zero2"}, "--zero-stage zero2 is not available yet"),
         ({"expert_id": "e0"}, "--expert-id is not available yet"),
     ],
@@ -356,8 +376,8 @@ def test_unavailable_features_are_named_not_ignored(settings, message):
 
 
 def test_unavailable_features_lists_every_one_set():
-    config = TrainingConfig(cuda_ids="0", world_size=2, launcher="ray", zero_stage="zero1", ddp=True)
-    assert [m.split()[0] for m in config.unavailable_features()] == ["--cuda-ids", "--zero-stage"]
+    config = TrainingConfig(world_size=2, launcher="ray", zero_stage="zero1", expert_id="e", ddp=True)
+    assert [m.split()[0] for m in config.unavailable_features()] == ["--zero-stage", "--expert-id"]
     assert TrainingConfig(world_size=2, launcher="ray", ddp=True).unavailable_features() == []
 
 
@@ -369,3 +389,20 @@ def test_several_workers_need_the_ray_launcher_and_replace_parallel_independent(
     [message] = TrainingConfig(parallel_independent=True, launcher="ray", world_size=2).unavailable_features()
     assert message.startswith("--parallel-independent is not supported: data-parallel training")
 
+
+
+@pytest.mark.parametrize(("given", "canonical", "low", "high"),
+                         [(2, "2", 2, 2), ("2", "2", 2, 2), (" 1 - 2 ", "1-2", 1, 2), ("3-3", "3", 3, 3), (None, None, 1, 1)])
+def test_world_size_is_a_number_or_a_range_kept_in_one_spelling(given, canonical, low, high):
+    config = TrainingConfig(world_size=given, launcher="ray", batch_size=2, gradient_accumulation_steps=1)
+    assert (config.world_size, config.min_workers, config.max_workers) == (canonical, low, high)
+    assert config.elastic == (low < high)
+    assert config.global_batch == 2 * high  # counted at MAX workers
+
+
+def test_an_elastic_range_keeps_the_global_batch_at_every_size():
+    config = TrainingConfig(world_size="2-4", launcher="ray", batch_size=2, gradient_accumulation_steps=3)
+    assert config.global_batch == 24
+    assert [config.accumulation_at(w) * 2 * w for w in (2, 3, 4)] == [24, 24, 24]
+    assert [config.accumulation_at(w) for w in (2, 3, 4)] == [6, 4, 3]
+    assert TrainingConfig.from_json(config.to_json()) == config  # the range survives training_args.json

@@ -63,7 +63,8 @@ CHECKED_BY = {
     "amp_dtype": "tests.train.test_options::test_amp_bf16_trains_on_cpu_and_fp16_falls_back_loudly",
     "use_8bit_optimizer": "tests.train.test_optim::test_optimizer_choice_and_loud_8bit_fallback",
     **{name: "tests.config.test_training_config::test_unavailable_features_are_named_not_ignored" for name in (
-        "cuda_ids", "zero_stage", "expert_id")},
+        "zero_stage", "expert_id")},
+    "cuda_ids": "tests.train.test_options::test_cuda_ids_choose_the_gpus_and_are_refused_where_there_are_none",
     "parallel_independent":
         "tests.config.test_training_config::test_several_workers_need_the_ray_launcher_and_replace_parallel_independent",
     **{name: "tests.cluster.test_ray_ddp::test_two_workers_train_bit_for_bit_what_one_worker_accumulating_trains"
@@ -74,6 +75,8 @@ CHECKED_BY = {
     "cpus_per_worker":
         "tests.cluster.test_ray_job::test_cpus_per_worker_sets_the_worker_s_cpus_and_threads_and_too_many_are_refused",
     "max_failures": "tests.cluster.test_ray_job::test_a_failed_worker_is_restarted_from_the_newest_checkpoint_to_the_same_weights",
+    "preemption_check_every":
+        "tests.cluster.test_ray_elastic::test_an_elastic_job_grows_and_shrinks_with_the_cluster_to_the_same_weights",
     "run_name": "tests.train.test_resume::test_the_same_run_name_continues_the_run_and_another_is_refused",
     "bundle_dir": "tests.train.test_loop::test_a_run_writes_a_complete_bundle_and_metrics",
     "brain_name": "tests.train.test_loop::test_a_run_writes_a_complete_bundle_and_metrics",

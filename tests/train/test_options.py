@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from aios.errors import AiosError
 from aios.train import launch
@@ -82,6 +84,25 @@ def test_jsonl_text_field_is_used(make_config, tmp_path):
 def test_device_cuda_without_cuda_is_refused(make_config):
     with pytest.raises(AiosError, match="no CUDA device"):
         launch(make_config(device="cuda"))
+
+
+def test_cuda_ids_choose_the_gpus_and_are_refused_where_there_are_none(make_config, monkeypatch):
+    from aios.cluster.job import _visible_devices
+
+    if not torch.cuda.is_available():  # this machine: one line, before anything is written
+        config = make_config(cuda_ids="0")
+        with pytest.raises(AiosError, match=r"^--cuda-ids 0: no CUDA device is visible on this machine; drop "):
+            launch(config)
+        assert not (Path(config.bundle_dir) / config.brain_name).exists()
+    # the embedded cluster starts with exactly these GPUs visible; ids count within an existing restriction
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with _visible_devices("1,0"):
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "1,0"
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
+    with _visible_devices("2,0"):
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "6,4"
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "4,5,6"
 
 
 def test_an_eval_file_without_usable_text_is_refused(make_config, tmp_path):
