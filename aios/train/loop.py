@@ -743,7 +743,8 @@ class Trainer:
         if notice is None:
             return False
         self._preemption_seen = True
-        log.warning("preemption: %s; saving a checkpoint at step %d", notice, self.step)
+        if self.is_main:  # every rank got the same notice
+            log.warning("preemption: %s; saving a checkpoint at step %d", notice, self.step)
         self.log.write({"event": "preemption", "step": self.step, "notice": notice})
         return saved_at != self.step
 
