@@ -1,4 +1,4 @@
-"""`aios brains ...`: list, inspect and plot brain bundles."""
+"""`aios brains ...`: list, inspect and plot brain bundles; push and pull them to and from S3."""
 
 from __future__ import annotations
 
@@ -19,15 +19,24 @@ app = App(no_args_is_help=True)
 console = Console()
 
 BundleDir = Annotated[str, typer.Option("--bundle-dir", help="Directory that holds brain bundles.")]
+RemoteBundleDir = Annotated[str, typer.Option(
+    "--bundle-dir", help="Directory that holds brain bundles: a local one, or s3://BUCKET/PREFIX.")]
+EndpointUrl = Annotated[str | None, typer.Option(
+    "--s3-endpoint-url", help="Endpoint of an S3-compatible service (MinIO, Ceph, R2); default: "
+    "$AWS_ENDPOINT_URL, else AWS. Credentials: the standard AWS variables, profile or instance role.")]
 BrainName = Annotated[str, typer.Argument(help="Bundle name under --bundle-dir, or a bundle directory.")]
 MISSING = "-"  # what a field absent from an (older) bundle's files shows as
 
 
 @app.command("list")
-def list_command(bundle_dir: BundleDir = DEFAULT_BUNDLE_DIR) -> None:
-    """Every bundle under --bundle-dir with its steps, size and last evaluation."""
+def list_command(bundle_dir: RemoteBundleDir = DEFAULT_BUNDLE_DIR, s3_endpoint_url: EndpointUrl = None) -> None:
+    """Every bundle under --bundle-dir (local or s3://) with its steps, size and last evaluation."""
     from aios.bundle import list_bundles
+    from aios.storage import is_remote
 
+    if is_remote(bundle_dir):
+        _list_remote(bundle_dir, s3_endpoint_url)
+        return
     bundles = list_bundles(bundle_dir)
     if not bundles:
         typer.echo(f"no brain bundles in {bundle_dir}")
@@ -77,6 +86,64 @@ def plot_command(name: BrainName, bundle_dir: BundleDir = DEFAULT_BUNDLE_DIR) ->
 
     bundle = BrainBundle.open(name, bundle_dir)
     typer.echo(str(plot_training_curves(bundle.root)))
+
+
+def _list_remote(bundle_dir: str, endpoint_url: str | None) -> None:
+    from aios.bundle.remote import list_remote
+    from aios.storage import open_storage
+
+    records = list_remote(open_storage(bundle_dir, endpoint_url))
+    if not records:
+        typer.echo(f"no brain bundles in {bundle_dir}")
+        return
+    table = Table("name", "steps", "parameters", "eval loss", "pushed", "files")
+    for record in records:
+        meta = record.get("metadata") or {}
+        last_eval = meta.get("last_eval") or {}
+        loss = f"{last_eval['loss']:.3f}" if "loss" in last_eval else "-"
+        table.add_row(record["name"], str(meta.get("steps", "-")), f"{meta.get('parameters', 0):,}", loss,
+                      record.get("pushed", "-"), str(len(record["files"])))
+    console.print(table)
+
+
+@app.command("push")
+def push_command(
+    name: BrainName,
+    to: Annotated[str, typer.Option("--to", help="Remote bundle dir: s3://BUCKET/PREFIX (or a local directory).")],
+    bundle_dir: BundleDir = DEFAULT_BUNDLE_DIR,
+    s3_endpoint_url: EndpointUrl = None,
+    checkpoints: Annotated[bool, typer.Option(
+        "--checkpoints/--no-checkpoints", help="Push the full-state checkpoints too (needed to resume there).")] = True,
+) -> None:
+    """Upload a brain as a new version under --to; readers see the previous version until it is complete."""
+    from aios.bundle import BrainBundle
+    from aios.bundle.remote import push
+    from aios.storage import open_storage
+
+    bundle = BrainBundle.open(name, bundle_dir)
+    remote = open_storage(to, s3_endpoint_url)
+    record = push(bundle, remote, checkpoints=checkpoints)
+    size = sum(f["size"] for f in record["files"].values())
+    typer.echo(f"pushed {bundle.name} to {remote.describe(bundle.name)}: version {record['version']}, "
+               f"{len(record['files'])} files, {size / 1e6:.1f} MB")
+
+
+@app.command("pull")
+def pull_command(
+    source: Annotated[str, typer.Argument(help="The remote brain: s3://BUCKET/PREFIX/NAME.")],
+    bundle_dir: BundleDir = DEFAULT_BUNDLE_DIR,
+    s3_endpoint_url: EndpointUrl = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a local bundle of the same name.")] = False,
+) -> None:
+    """Download a pushed brain into --bundle-dir (checked file by file), where generate and eval open it."""
+    from aios.bundle.remote import pull
+    from aios.storage import open_storage
+
+    parent, _, name = source.rstrip("/").rpartition("/")
+    if not name or not parent or parent.endswith(":/"):
+        raise AiosError(f"{source}: expected the remote brain as s3://BUCKET/PREFIX/NAME")
+    bundle = pull(open_storage(parent, s3_endpoint_url), name, bundle_dir, replace=force)
+    typer.echo(f"pulled {source} into {bundle.root}")
 
 
 # ---- `brains show`: the tables ------------------------------------------------------------------------

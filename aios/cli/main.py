@@ -49,7 +49,7 @@ def _register() -> None:
     app.add_typer(hrm_hf.app, name="hrm-hf", help="HRM models with Hugging Face tokenizers: train, generate, eval.")
     app.add_typer(tokenizer.app, name="tokenizer", help="Train, inspect and use tokenizers (offline).")
     app.add_typer(data.app, name="data", help="Prepare and inspect tokenized training data.")
-    app.add_typer(brains.app, name="brains", help="List, inspect and plot brain bundles.")
+    app.add_typer(brains.app, name="brains", help="List, inspect, plot, push and pull brain bundles.")
 
 
 _register()

@@ -1,0 +1,132 @@
+"""Brain bundles in a remote bundle dir (`s3://bucket/prefix`): push, pull, list.
+
+Layout under the bundle dir, for brain NAME:
+
+    NAME/versions/<version>/...     every file of the bundle as pushed (checkpoints/ included unless left out)
+    NAME/LATEST.json                {"version", "pushed", "files": {path: {"sha256", "size"}}, "metadata"}
+
+A push uploads a new version's files, then writes LATEST.json in one PUT: a reader sees the previous
+version or the new one, whole, never a half-uploaded one (S3 has no rename). Versions older than the
+previous one are then deleted; the previous one stays, for a reader that read LATEST.json just before.
+A pull reads LATEST.json, downloads exactly the files it lists, checks every size and sha256, and installs
+the copy under the local bundle dir in one rename.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+from aios.atomic import fsync_tree, install_dir, make_staging_dir
+from aios.bundle import CHECKPOINTS, METADATA, BrainBundle
+from aios.errors import AiosError
+from aios.paths import HIDDEN_PREFIX
+from aios.storage import Storage
+
+LATEST = "LATEST.json"
+VERSIONS = "versions"
+FORMAT = 1
+
+
+def bundle_files(bundle: BrainBundle, *, checkpoints: bool) -> list[str]:
+    """The bundle's files to push, relative and sorted: no hidden entries (staging), at any depth."""
+    files = []
+    for path in sorted(bundle.root.rglob("*")):
+        relative = path.relative_to(bundle.root)
+        if any(part.startswith(HIDDEN_PREFIX) for part in relative.parts) or not path.is_file():
+            continue
+        if not checkpoints and relative.parts[0] == CHECKPOINTS:
+            continue
+        files.append(relative.as_posix())
+    return files
+
+
+def push(bundle: BrainBundle, remote: Storage, *, checkpoints: bool = True) -> dict:
+    """Upload `bundle` as a new version of remote/<name>; returns the LATEST.json record written."""
+    problem = bundle.missing()
+    if problem:
+        raise AiosError(f"'{bundle.root}' is not a brain bundle ({problem}): push a trained brain")
+    remote.check()
+    name = bundle.name
+    version = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+    files = {}
+    for relative in bundle_files(bundle, checkpoints=checkpoints):
+        local = bundle.root / relative
+        files[relative] = {"sha256": _sha256(local), "size": local.stat().st_size}
+        remote.upload_file(local, f"{name}/{VERSIONS}/{version}/{relative}")
+    previous = _latest(remote, name)
+    record = {"format": FORMAT, "name": name, "version": version, "pushed": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+              time.gmtime()), "files": files, "metadata": bundle.metadata()}
+    remote.write_bytes(f"{name}/{LATEST}", (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
+    keep = {version, previous["version"]} if previous else {version}
+    for old in remote.list_dirs(f"{name}/{VERSIONS}"):
+        if old not in keep:
+            remote.delete_dir(f"{name}/{VERSIONS}/{old}")
+    return record
+
+
+def pull(remote: Storage, name: str, bundle_dir: Path, *, replace: bool = False) -> BrainBundle:
+    """Download remote/<name>'s latest version into bundle_dir/<name> (checked file by file, installed in one
+    rename). An existing local bundle of that name is refused unless `replace`."""
+    remote.check()
+    record = _latest(remote, name)
+    if record is None:
+        raise AiosError(f"{remote.describe(name)}: no brain there (no {LATEST}); see `aios brains list "
+                        f"--bundle-dir {remote.uri}`")
+    final = Path(bundle_dir) / name
+    if final.exists() and any(final.iterdir()) and not replace:
+        raise AiosError(f"{final} already exists: pass --force to replace it with the pulled copy, or "
+                        f"--bundle-dir elsewhere")
+    staging = make_staging_dir(final)
+    try:
+        for relative, expected in record["files"].items():
+            local = staging / relative
+            remote.download_file(f"{name}/{VERSIONS}/{record['version']}/{relative}", local)
+            if local.stat().st_size != expected["size"] or _sha256(local) != expected["sha256"]:
+                raise AiosError(f"{remote.describe(name)}: {relative} of version {record['version']} does not match "
+                                f"its recorded size and sha256 (changed after the push?); push the brain again")
+        fsync_tree(staging)
+        install_dir(staging, final, replace=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return BrainBundle(final)
+
+
+def list_remote(remote: Storage) -> list[dict]:
+    """The LATEST.json record of every brain under the remote bundle dir."""
+    remote.check()
+    records = []
+    for name in remote.list_dirs():
+        record = _latest(remote, name)
+        if record is not None:
+            records.append(record)
+    return records
+
+
+def _latest(remote: Storage, name: str) -> dict | None:
+    if not remote.exists(f"{name}/{LATEST}"):
+        return None
+    try:
+        record = json.loads(remote.read_bytes(f"{name}/{LATEST}"))
+    except ValueError as exc:
+        raise AiosError(f"{remote.describe(name)}/{LATEST} is not valid JSON ({exc}); push the brain again") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT or not isinstance(record.get("files"), dict):
+        raise AiosError(f"{remote.describe(name)}/{LATEST}: not a record this aios reads (format "
+                        f"{record.get('format') if isinstance(record, dict) else '?'}); push the brain again")
+    return record
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+__all__ = ["LATEST", "METADATA", "bundle_files", "list_remote", "pull", "push"]
