@@ -28,6 +28,8 @@ from aios.paths import HIDDEN_PREFIX
 from aios.storage import Storage
 
 LATEST = "LATEST.json"
+PULLED = ".pulled.json"  # in a pulled copy: its source and version (hidden: never pushed)
+REMOTE_CACHE = ".remote"  # under a local bundle dir: copies of remote brains that generate and eval opened
 VERSIONS = "versions"
 FORMAT = 1
 
@@ -69,15 +71,51 @@ def push(bundle: BrainBundle, remote: Storage, *, checkpoints: bool = True) -> d
     return record
 
 
+def split_remote_brain(source: str) -> tuple[str, str]:
+    """s3://BUCKET/PREFIX/NAME -> (s3://BUCKET/PREFIX, NAME)."""
+    parent, _, name = source.rstrip("/").rpartition("/")
+    if not name or not parent or parent.endswith(":/"):
+        raise AiosError(f"{source}: expected the remote brain as s3://BUCKET/PREFIX/NAME")
+    return parent, name
+
+
 def pull(remote: Storage, name: str, bundle_dir: Path, *, replace: bool = False) -> BrainBundle:
     """Download remote/<name>'s latest version into bundle_dir/<name> (checked file by file, installed in one
-    rename). An existing local bundle of that name is refused unless `replace`."""
+    rename), with PULLED recording where it came from. An existing local bundle of that name is refused
+    unless `replace`."""
     remote.check()
+    return _pull(remote, name, _latest_or_refuse(remote, name), Path(bundle_dir) / name, replace=replace)
+
+
+def cached_brain(source: str, bundle_dir: Path, endpoint_url: str | None = None) -> BrainBundle:
+    """A local copy of the remote brain `source` (s3://BUCKET/PREFIX/NAME) for generate and eval: kept under
+    <bundle_dir>/.remote/ (hidden from `brains list`), downloaded again only when a newer version was pushed."""
+    from aios.storage import open_storage
+
+    parent, name = split_remote_brain(source)
+    remote = open_storage(parent, endpoint_url)
+    remote.check()
+    record = _latest_or_refuse(remote, name)
+    final = Path(bundle_dir) / REMOTE_CACHE / remote.bucket / remote.path().partition("/")[2] / name
+    marker = final / PULLED
+    if marker.is_file() and BrainBundle(final).missing() is None:
+        try:
+            if json.loads(marker.read_text()).get("version") == record["version"]:
+                return BrainBundle(final)
+        except ValueError:
+            pass  # a damaged marker: pull again
+    return _pull(remote, name, record, final, replace=True)
+
+
+def _latest_or_refuse(remote: Storage, name: str) -> dict:
     record = _latest(remote, name)
     if record is None:
         raise AiosError(f"{remote.describe(name)}: no brain there (no {LATEST}); see `aios brains list "
                         f"--bundle-dir {remote.uri}`")
-    final = Path(bundle_dir) / name
+    return record
+
+
+def _pull(remote: Storage, name: str, record: dict, final: Path, *, replace: bool) -> BrainBundle:
     if final.exists() and any(final.iterdir()) and not replace:
         raise AiosError(f"{final} already exists: pass --force to replace it with the pulled copy, or "
                         f"--bundle-dir elsewhere")
@@ -89,6 +127,8 @@ def pull(remote: Storage, name: str, bundle_dir: Path, *, replace: bool = False)
             if local.stat().st_size != expected["size"] or _sha256(local) != expected["sha256"]:
                 raise AiosError(f"{remote.describe(name)}: {relative} of version {record['version']} does not match "
                                 f"its recorded size and sha256 (changed after the push?); push the brain again")
+        (staging / PULLED).write_text(json.dumps({"source": remote.describe(name), "version": record["version"]})
+                                      + "\n")
         fsync_tree(staging)
         install_dir(staging, final, replace=True)
     except BaseException:
@@ -129,4 +169,4 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["LATEST", "METADATA", "bundle_files", "list_remote", "pull", "push"]
+__all__ = ["LATEST", "METADATA", "bundle_files", "cached_brain", "list_remote", "pull", "push"]

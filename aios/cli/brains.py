@@ -136,12 +136,10 @@ def pull_command(
     force: Annotated[bool, typer.Option("--force", help="Replace a local bundle of the same name.")] = False,
 ) -> None:
     """Download a pushed brain into --bundle-dir (checked file by file), where generate and eval open it."""
-    from aios.bundle.remote import pull
+    from aios.bundle.remote import pull, split_remote_brain
     from aios.storage import open_storage
 
-    parent, _, name = source.rstrip("/").rpartition("/")
-    if not name or not parent or parent.endswith(":/"):
-        raise AiosError(f"{source}: expected the remote brain as s3://BUCKET/PREFIX/NAME")
+    parent, name = split_remote_brain(source)
     bundle = pull(open_storage(parent, s3_endpoint_url), name, bundle_dir, replace=force)
     typer.echo(f"pulled {source} into {bundle.root}")
 

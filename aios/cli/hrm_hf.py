@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
@@ -104,18 +105,26 @@ def train_actv1(ctx: typer.Context, config: str | None, print_config: bool, **fl
 
 
 def _load_brain(brain: str, bundle_dir: str, device: str):
-    """(bundle, model, tokenizer, device) of a bundle, by name or path."""
+    """(bundle, model, tokenizer, device) of a bundle, by name, path or s3:// URI (a cached local copy)."""
     from aios.bundle import BrainBundle
+    from aios.storage import is_remote
     from aios.train.session import resolve_device
 
-    bundle = BrainBundle.open(brain, bundle_dir)
+    if is_remote(brain):
+        from aios.bundle.remote import cached_brain
+
+        bundle = cached_brain(brain, Path(bundle_dir))
+    else:
+        bundle = BrainBundle.open(brain, bundle_dir)
     dev = resolve_device(device)
     return bundle, bundle.load_model(dev), bundle.load_tokenizer(), dev
 
 
 @app.command("generate")
 def generate_command(
-    brain: Annotated[str, typer.Option("--brain", help="Bundle name under --bundle-dir, or a bundle directory.")],
+    brain: Annotated[str, typer.Option("--brain", help="Bundle name under --bundle-dir, a bundle directory, or "
+                                       "s3://BUCKET/PREFIX/NAME (pulled into <bundle-dir>/.remote/, endpoint: "
+                                       "$AWS_ENDPOINT_URL).")],
     prompt: Annotated[str, typer.Option("--prompt", help="Text to continue.")] = "",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Tokens to generate.")] = 64,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, callback=finite_number,
@@ -167,7 +176,9 @@ def _eval_settings(bundle, typed: dict[str, Any]) -> TrainingConfig:
 
 @app.command("eval")
 def eval_command(
-    brain: Annotated[str, typer.Option("--brain", help="Bundle name under --bundle-dir, or a bundle directory.")],
+    brain: Annotated[str, typer.Option("--brain", help="Bundle name under --bundle-dir, a bundle directory, or "
+                                       "s3://BUCKET/PREFIX/NAME (pulled into <bundle-dir>/.remote/, endpoint: "
+                                       "$AWS_ENDPOINT_URL).")],
     eval_file: Annotated[str, typer.Option("--eval-file", help="Text to evaluate on (.txt/.jsonl/.csv).")],
     eval_batches: Annotated[int | None, typer.Option(
         "--eval-batches", min=1, help=f"Batches to evaluate. {_as_trained('eval_batches')}")] = None,

@@ -144,3 +144,27 @@ def test_bad_locations_are_one_line_each_with_exit_2(s3, brain, tmp_path):
         assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), (what, lines)
         no_secret(result)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_generate_opens_a_remote_brain_through_a_cached_copy_renewed_by_a_push(s3, brain, tmp_path):
+    from aios.bundle.remote import PULLED, REMOTE_CACHE
+
+    aios("brains", "push", "pushed", "--bundle-dir", brain.parent, "--to", f"s3://{BUCKET}/served", "--no-checkpoints")
+    source = f"s3://{BUCKET}/served/pushed"
+    args = ("hrm-hf", "generate", "--brain", source, "--bundle-dir", tmp_path, "--prompt", "ROMEO:",
+            "--max-new-tokens", 4, "--temperature", 0)
+    first = aios(*args)
+    copy = tmp_path / REMOTE_CACHE / BUCKET / "served" / "pushed"
+    marker = json.loads((copy / PULLED).read_text())
+    assert marker["source"] == source and (copy / "model.safetensors").read_bytes() == (
+        brain / "model.safetensors").read_bytes()
+    inode = copy.stat().st_ino
+    again = aios(*args)
+    assert again.stdout == first.stdout and copy.stat().st_ino == inode  # the same version: not downloaded again
+    aios("brains", "push", "pushed", "--bundle-dir", brain.parent, "--to", f"s3://{BUCKET}/served", "--no-checkpoints")
+    aios(*args)
+    renewed = json.loads((copy / PULLED).read_text())
+    assert renewed["version"] != marker["version"]
+    listed = aios("brains", "list", "--bundle-dir", tmp_path)
+    assert "pushed" not in listed.stdout  # the cache is hidden from the local list
+    no_secret(first, again, listed)
