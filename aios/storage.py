@@ -87,6 +87,9 @@ class Storage:
                                 f"http://127.0.0.1:9000")
             options.update(endpoint_override=endpoint.netloc, scheme=endpoint.scheme)
         options["region"] = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        if not _credentials_configured():
+            raise AiosError(f"{self.uri}: no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or "
+                            f"AWS_PROFILE (~/.aws/credentials), or run where an instance role provides them")
         return fs.S3FileSystem(**options)
 
     def path(self, relative: str = "") -> str:
@@ -159,6 +162,17 @@ class Storage:
         infos = self._call(lambda: self.filesystem().get_file_info(selector), relative)
         return sorted(info.base_name for info in infos if info.type == fs.FileType.Directory)
 
+    def list_files(self, relative: str = "") -> list[str]:
+        """The names of the files directly under `relative` (none when it does not exist)."""
+        from pyarrow import fs
+
+        selector = fs.FileSelector(self.path(relative), allow_not_found=True)
+        infos = self._call(lambda: self.filesystem().get_file_info(selector), relative)
+        return sorted(info.base_name for info in infos if info.type == fs.FileType.File and info.base_name)
+
+    def delete_file(self, relative: str) -> None:
+        self._call(lambda: self.filesystem().delete_file(self.path(relative)), relative)
+
     def delete_dir(self, relative: str) -> None:
         self._call(lambda: self.filesystem().delete_dir(self.path(relative)), relative)
 
@@ -192,6 +206,20 @@ class Storage:
 
 
 _FILESYSTEMS: dict = {}
+
+
+def _credentials_configured() -> bool:
+    """Whether the AWS credential chain has anything to find: variables, a profile or its files, web identity,
+    a container role, or (unless AWS_EC2_METADATA_DISABLED) an instance role that only EC2 can tell about."""
+    env = os.environ
+    if env.get("AWS_ACCESS_KEY_ID") or env.get("AWS_PROFILE") or env.get("AWS_WEB_IDENTITY_TOKEN_FILE"):
+        return True
+    if env.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI") or env.get("AWS_CONTAINER_CREDENTIALS_FULL_URI"):
+        return True
+    files = (env.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"), env.get("AWS_CONFIG_FILE", "~/.aws/config"))
+    if any(Path(f).expanduser().is_file() for f in files):
+        return True
+    return env.get("AWS_EC2_METADATA_DISABLED", "").lower() != "true"
 
 
 def _first_words(text: str, limit: int = 160) -> str:

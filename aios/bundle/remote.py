@@ -2,12 +2,14 @@
 
 Layout under the bundle dir, for brain NAME:
 
-    NAME/versions/<version>/...     every file of the bundle as pushed (checkpoints/ included unless left out)
+    NAME/objects/<sha256>           the content of every file pushed, once, named by its sha256
     NAME/LATEST.json                {"version", "pushed", "files": {path: {"sha256", "size"}}, "metadata"}
 
-A push uploads a new version's files, then writes LATEST.json in one PUT: a reader sees the previous
-version or the new one, whole, never a half-uploaded one (S3 has no rename). Versions older than the
-previous one are then deleted; the previous one stays, for a reader that read LATEST.json just before.
+A push uploads the objects the remote does not hold yet (a brain pushed again after more training uploads
+only what changed: new checkpoints, the weights, the metadata), then writes LATEST.json in one PUT: a reader
+sees the previous version or the new one, whole, never a half-uploaded one (S3 has no rename). Objects
+that neither the new nor the previous LATEST.json lists are then deleted (the previous version stays
+readable for a reader that read LATEST.json just before; a push that died half-way left only such objects).
 A pull reads LATEST.json, downloads exactly the files it lists, checks every size and sha256, and installs
 the copy under the local bundle dir in one rename.
 """
@@ -30,7 +32,7 @@ from aios.storage import Storage
 LATEST = "LATEST.json"
 PULLED = ".pulled.json"  # in a pulled copy: its source and version (hidden: never pushed)
 REMOTE_CACHE = ".remote"  # under a local bundle dir: copies of remote brains that generate and eval opened
-VERSIONS = "versions"
+OBJECTS = "objects"
 FORMAT = 1
 
 
@@ -48,27 +50,32 @@ def bundle_files(bundle: BrainBundle, *, checkpoints: bool) -> list[str]:
 
 
 def push(bundle: BrainBundle, remote: Storage, *, checkpoints: bool = True) -> dict:
-    """Upload `bundle` as a new version of remote/<name>; returns the LATEST.json record written."""
+    """Upload `bundle` as a new version of remote/<name>; returns the LATEST.json record written, with the
+    bytes this push uploaded under "uploaded" (not stored)."""
     problem = bundle.missing()
     if problem:
         raise AiosError(f"'{bundle.root}' is not a brain bundle ({problem}): push a trained brain")
     remote.check()
     name = bundle.name
-    version = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
-    files = {}
+    held = set(remote.list_files(f"{name}/{OBJECTS}"))
+    files, uploaded = {}, 0
     for relative in bundle_files(bundle, checkpoints=checkpoints):
         local = bundle.root / relative
-        files[relative] = {"sha256": _sha256(local), "size": local.stat().st_size}
-        remote.upload_file(local, f"{name}/{VERSIONS}/{version}/{relative}")
+        digest = _sha256(local)
+        files[relative] = {"sha256": digest, "size": local.stat().st_size}
+        if digest not in held:
+            remote.upload_file(local, f"{name}/{OBJECTS}/{digest}")
+            held.add(digest)
+            uploaded += files[relative]["size"]
     previous = _latest(remote, name)
+    version = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
     record = {"format": FORMAT, "name": name, "version": version, "pushed": time.strftime("%Y-%m-%dT%H:%M:%SZ",
               time.gmtime()), "files": files, "metadata": bundle.metadata()}
     remote.write_bytes(f"{name}/{LATEST}", (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
-    keep = {version, previous["version"]} if previous else {version}
-    for old in remote.list_dirs(f"{name}/{VERSIONS}"):
-        if old not in keep:
-            remote.delete_dir(f"{name}/{VERSIONS}/{old}")
-    return record
+    listed = {f["sha256"] for r in (record, previous or {"files": {}}) for f in r["files"].values()}
+    for digest in held - listed:
+        remote.delete_file(f"{name}/{OBJECTS}/{digest}")
+    return {**record, "uploaded": uploaded}
 
 
 def split_remote_brain(source: str) -> tuple[str, str]:
@@ -123,7 +130,7 @@ def _pull(remote: Storage, name: str, record: dict, final: Path, *, replace: boo
     try:
         for relative, expected in record["files"].items():
             local = staging / relative
-            remote.download_file(f"{name}/{VERSIONS}/{record['version']}/{relative}", local)
+            remote.download_file(f"{name}/{OBJECTS}/{expected['sha256']}", local)
             if local.stat().st_size != expected["size"] or _sha256(local) != expected["sha256"]:
                 raise AiosError(f"{remote.describe(name)}: {relative} of version {record['version']} does not match "
                                 f"its recorded size and sha256 (changed after the push?); push the brain again")

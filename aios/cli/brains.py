@@ -125,7 +125,8 @@ def push_command(
     record = push(bundle, remote, checkpoints=checkpoints)
     size = sum(f["size"] for f in record["files"].values())
     typer.echo(f"pushed {bundle.name} to {remote.describe(bundle.name)}: version {record['version']}, "
-               f"{len(record['files'])} files, {size / 1e6:.1f} MB")
+               f"{len(record['files'])} files, {size / 1e6:.1f} MB ({record['uploaded'] / 1e6:.1f} MB uploaded, "
+               f"the rest held already)")
 
 
 @app.command("pull")
