@@ -86,7 +86,9 @@ class Storage:
                 raise AiosError(f"--s3-endpoint-url {self.endpoint_url}: expected http(s)://HOST[:PORT], e.g. "
                                 f"http://127.0.0.1:9000")
             options.update(endpoint_override=endpoint.netloc, scheme=endpoint.scheme)
-        options["region"] = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if region:  # else the SDK's own resolution (profile, the bucket's region)
+            options["region"] = region
         if not _credentials_configured():
             raise AiosError(f"{self.uri}: no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or "
                             f"AWS_PROFILE (~/.aws/credentials), or run where an instance role provides them")
@@ -144,15 +146,16 @@ class Storage:
     def upload_file(self, local: Path, relative: str) -> None:
         from pyarrow import fs
 
-        self._call(lambda: fs.copy_files(str(local), self.path(relative), destination_filesystem=self.filesystem()),
-                   relative)
+        self._call(lambda: fs.copy_files(str(Path(local).resolve()), self.path(relative),
+                                         source_filesystem=fs.LocalFileSystem(),
+                                         destination_filesystem=self.filesystem()), relative)
 
     def download_file(self, relative: str, local: Path) -> None:
         from pyarrow import fs
 
         local.parent.mkdir(parents=True, exist_ok=True)
-        self._call(lambda: fs.copy_files(self.path(relative), str(local), source_filesystem=self.filesystem()),
-                   relative)
+        self._call(lambda: fs.copy_files(self.path(relative), str(local.resolve()), source_filesystem=self.filesystem(),
+                                         destination_filesystem=fs.LocalFileSystem()), relative)
 
     def list_dirs(self, relative: str = "") -> list[str]:
         """The names directly under `relative` that hold something (S3: common prefixes)."""

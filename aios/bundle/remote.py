@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import time
 import uuid
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from aios.atomic import fsync_tree, install_dir, make_staging_dir
 from aios.bundle import CHECKPOINTS, METADATA, BrainBundle
@@ -123,9 +124,10 @@ def _latest_or_refuse(remote: Storage, name: str) -> dict:
 
 
 def _pull(remote: Storage, name: str, record: dict, final: Path, *, replace: bool) -> BrainBundle:
-    if final.exists() and any(final.iterdir()) and not replace:
+    if final.exists() and (not final.is_dir() or any(final.iterdir())) and not replace:
         raise AiosError(f"{final} already exists: pass --force to replace it with the pulled copy, or "
                         f"--bundle-dir elsewhere")
+    _check_listing(remote, name, record)
     staging = make_staging_dir(final)
     try:
         for relative, expected in record["files"].items():
@@ -137,7 +139,8 @@ def _pull(remote: Storage, name: str, record: dict, final: Path, *, replace: boo
         (staging / PULLED).write_text(json.dumps({"source": remote.describe(name), "version": record["version"]})
                                       + "\n")
         fsync_tree(staging)
-        install_dir(staging, final, replace=True)
+        if not install_dir(staging, final, replace=replace):
+            raise AiosError(f"{final} appeared while pulling: pass --force to replace it with the pulled copy")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -166,6 +169,20 @@ def _latest(remote: Storage, name: str) -> dict | None:
         raise AiosError(f"{remote.describe(name)}/{LATEST}: not a record this aios reads (format "
                         f"{record.get('format') if isinstance(record, dict) else '?'}); push the brain again")
     return record
+
+
+def _check_listing(remote: Storage, name: str, record: dict) -> None:
+    """Refuse, before anything is written, a LATEST.json whose names could leave the bundle directory (absolute,
+    "..", hidden parts) or whose digests are not sha256 hex: the record comes from whoever can write the bucket."""
+    for relative, expected in record["files"].items():
+        parts = PurePosixPath(relative).parts if isinstance(relative, str) else ()
+        digest = expected.get("sha256") if isinstance(expected, dict) else None
+        if (not parts or relative.startswith("/") or "\\" in relative
+                or any(p in ("", ".", "..") or p.startswith(HIDDEN_PREFIX) for p in parts)
+                or not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest)
+                or not isinstance(expected.get("size"), int)):
+            raise AiosError(f"{remote.describe(name)}/{LATEST} lists {relative!r}, which is not a file of a bundle "
+                            f"(a path inside it with a sha256 and a size); nothing was pulled: push the brain again")
 
 
 def _sha256(path: Path) -> str:

@@ -109,7 +109,7 @@ def _list_remote(bundle_dir: str, endpoint_url: str | None) -> None:
 @app.command("push")
 def push_command(
     name: BrainName,
-    to: Annotated[str, typer.Option("--to", help="Remote bundle dir: s3://BUCKET/PREFIX (or a local directory).")],
+    to: Annotated[str, typer.Option("--to", help="Remote bundle dir: s3://BUCKET/PREFIX.")],
     bundle_dir: BundleDir = DEFAULT_BUNDLE_DIR,
     s3_endpoint_url: EndpointUrl = None,
     checkpoints: Annotated[bool, typer.Option(
@@ -118,8 +118,11 @@ def push_command(
     """Upload a brain as a new version under --to; readers see the previous version until it is complete."""
     from aios.bundle import BrainBundle
     from aios.bundle.remote import push
-    from aios.storage import open_storage
+    from aios.storage import is_remote, open_storage
 
+    if not is_remote(to):
+        raise AiosError(f"--to {to}: push goes to S3 (s3://BUCKET/PREFIX); a local copy of a bundle is a plain "
+                        f"directory copy (cp -r)")
     bundle = BrainBundle.open(name, bundle_dir)
     remote = open_storage(to, s3_endpoint_url)
     record = push(bundle, remote, checkpoints=checkpoints)

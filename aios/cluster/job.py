@@ -123,12 +123,13 @@ def _check_elastic_cluster(config: TrainingConfig, cpus: int) -> None:
     node_id = ray.get_runtime_context().get_node_id()
     nodes = ray.nodes()
     here = next(node["NodeManagerAddress"] for node in nodes if node.get("NodeID") == node_id)
-    problem = elastic_cluster_problem(config, cpus, nodes, here)
+    problem = elastic_cluster_problem(config, cpus, nodes, here, gpus=_use_gpu(config))
     if problem:
         raise AiosError(problem)
 
 
-def elastic_cluster_problem(config: TrainingConfig, cpus: int, nodes: list[dict], here: str) -> str | None:
+def elastic_cluster_problem(config: TrainingConfig, cpus: int, nodes: list[dict], here: str, *,
+                            gpus: bool = False) -> str | None:
     """Why an elastic job cannot run on this cluster (`nodes` as ray.nodes() lists them; `here`: the driver's
     machine), or None. It may run on every node, so a node on another machine (whose disk does not hold the
     bundle) is refused, and so is a cluster that cannot start even MIN workers (Ray would wait forever)."""
@@ -138,10 +139,15 @@ def elastic_cluster_problem(config: TrainingConfig, cpus: int, nodes: list[dict]
         return (f"--world-size {config.world_size}: an elastic job runs on every node, and this cluster has nodes "
                 f"on other machines ({', '.join(elsewhere[:3])}) that do not see this machine's bundle and data: use "
                 f"a fixed --world-size N (its workers stay on this node) until remote storage lands")
-    room = sum(int(node.get("Resources", {}).get("CPU", 0)) // cpus for node in alive)
+    def fits(resources: dict) -> int:  # workers of `cpus` CPUs (and one GPU each when they use GPUs) on a node
+        workers = int(resources.get("CPU", 0)) // cpus
+        return min(workers, int(resources.get("GPU", 0))) if gpus else workers
+
+    room = sum(fits(node.get("Resources", {})) for node in alive)
     if room < config.min_workers:
-        return (f"--world-size {config.world_size}: the cluster has room for {room} workers of {cpus} CPUs, fewer "
-                f"than the {config.min_workers} the job needs to start; lower --cpus-per-worker or the minimum")
+        return (f"--world-size {config.world_size}: the cluster has room for {room} workers of {cpus} CPUs"
+                f"{' and a GPU' if gpus else ''}, fewer than the {config.min_workers} the job needs to start; lower "
+                f"--cpus-per-worker or the minimum")
     return None
 
 

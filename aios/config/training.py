@@ -49,6 +49,7 @@ _SETTING_ERROR = "aios_setting"
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
 _MAX_NAME_LENGTH = 100
+MAX_WORKERS = 1024  # --world-size: more is a typo (and the range check would take forever)
 
 
 def setting(default: Any, help: str, group: str, **constraints: Any) -> Any:
@@ -290,9 +291,10 @@ class TrainingConfig(BaseModel):
             return value
         match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", value)
         low, high = (int(match.group(1)), int(match.group(2) or match.group(1))) if match else (0, 0)
-        if not match or low < 1 or high < low:
+        if not match or low < 1 or high < low or high > MAX_WORKERS:
             raise _setting_error(f"--world-size {value!r} is not a number of workers or a range of them: pass N "
-                                 f"(e.g. --world-size 2) or MIN-MAX with 1 <= MIN <= MAX (e.g. --world-size 1-4)")
+                                 f"(e.g. --world-size 2) or MIN-MAX with 1 <= MIN <= MAX <= {MAX_WORKERS} (e.g. "
+                                 f"--world-size 1-4)")
         return str(low) if low == high else f"{low}-{high}"  # canonical, so that equal configs hash equal
 
     @property

@@ -141,6 +141,8 @@ def test_bad_locations_are_one_line_each_with_exit_2(s3, brain, tmp_path):
                            f"s3://{BUCKET}/brains/nobody: no brain there (no LATEST.json)"),
         "no bucket": (["brains", "push", "pushed", "--bundle-dir", brain.parent, "--to", "s3:///x"],
                       "s3:///x: no bucket; write s3://BUCKET/PREFIX"),
+        "not S3": (["brains", "push", "pushed", "--bundle-dir", brain.parent, "--to", tmp_path / "elsewhere"],
+                   f"--to {tmp_path / 'elsewhere'}: push goes to S3 (s3://BUCKET/PREFIX)"),
     }
     for what, (args, message) in cases.items():
         result = aios(*args, check=False, timeout=120)
@@ -185,3 +187,20 @@ def test_generate_opens_a_remote_brain_through_a_cached_copy_renewed_by_a_push(s
     listed = aios("brains", "list", "--bundle-dir", tmp_path)
     assert "pushed" not in listed.stdout  # the cache is hidden from the local list
     no_secret(first, again, listed)
+
+
+@pytest.mark.parametrize("planted", ["../outside.txt", "/tmp/absolute.txt", ".hidden/x", "checkpoints/../../up"])
+def test_a_listing_naming_a_path_outside_the_bundle_is_refused_before_anything_is_written(s3, brain, tmp_path,
+                                                                                         planted):
+    aios("brains", "push", "pushed", "--bundle-dir", brain.parent, "--to", f"s3://{BUCKET}/planted",
+         "--no-checkpoints")
+    key = "planted/pushed/LATEST.json"
+    record = json.loads(s3["client"].get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    some = next(iter(record["files"].values()))
+    record["files"][planted] = some  # whoever can write the bucket can write this record
+    s3["client"].put_object(Bucket=BUCKET, Key=key, Body=json.dumps(record).encode())
+    home = tmp_path / "home"
+    result = aios("brains", "pull", f"s3://{BUCKET}/planted/pushed", "--bundle-dir", home, check=False)
+    assert result.returncode == 2 and f"lists {planted!r}, which is not a file of a bundle" in result.stderr
+    assert not home.exists() or list(home.iterdir()) == []
+    assert not (tmp_path / "outside.txt").exists() and not Path("/tmp/absolute.txt").exists()

@@ -65,9 +65,12 @@ REFUSALS = [
     ({"max_seq_len": 0}, "--max-seq-len must be greater than 0, got 0; pass a positive number"),
     ({"halt_max_steps": 0}, "--halt-max-steps must be greater than 0, got 0; pass a positive number"),
     ({"world_size": 0}, "--world-size '0' is not a number of workers or a range of them: pass N (e.g. "
-                        "--world-size 2) or MIN-MAX with 1 <= MIN <= MAX (e.g. --world-size 1-4)"),
+                        "--world-size 2) or MIN-MAX with 1 <= MIN <= MAX <= 1024 (e.g. --world-size 1-4)"),
     ({"world_size": "3-2"}, "--world-size '3-2' is not a number of workers or a range of them: pass N (e.g. "
-                            "--world-size 2) or MIN-MAX with 1 <= MIN <= MAX (e.g. --world-size 1-4)"),
+                            "--world-size 2) or MIN-MAX with 1 <= MIN <= MAX <= 1024 (e.g. --world-size 1-4)"),
+    ({"world_size": "1-100000"}, "--world-size '1-100000' is not a number of workers or a range of them: pass N "
+                                 "(e.g. --world-size 2) or MIN-MAX with 1 <= MIN <= MAX <= 1024 (e.g. --world-size "
+                                 "1-4)"),
     ({"world_size": True}, "--world-size must be N or MIN-MAX, got True; pass e.g. --world-size 2"),
     ({"world_size": "1-3", "batch_size": 8},
      "--world-size 1-3: the global batch of 24 (--batch-size 8 x --gradient-accumulation-steps 1 x 3 workers) must "
