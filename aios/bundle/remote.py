@@ -16,7 +16,6 @@ the copy under the local bundle dir in one rename.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -27,6 +26,7 @@ from pathlib import Path, PurePosixPath
 from aios.atomic import fsync_tree, install_dir, make_staging_dir
 from aios.bundle import CHECKPOINTS, METADATA, BrainBundle
 from aios.errors import AiosError
+from aios.hashing import sha256_file
 from aios.paths import HIDDEN_PREFIX
 from aios.storage import Storage
 
@@ -62,7 +62,7 @@ def push(bundle: BrainBundle, remote: Storage, *, checkpoints: bool = True) -> d
     files, uploaded = {}, 0
     for relative in bundle_files(bundle, checkpoints=checkpoints):
         local = bundle.root / relative
-        digest = _sha256(local)
+        digest = sha256_file(local)
         files[relative] = {"sha256": digest, "size": local.stat().st_size}
         if digest not in held:
             remote.upload_file(local, f"{name}/{OBJECTS}/{digest}")
@@ -133,7 +133,7 @@ def _pull(remote: Storage, name: str, record: dict, final: Path, *, replace: boo
         for relative, expected in record["files"].items():
             local = staging / relative
             remote.download_file(f"{name}/{OBJECTS}/{expected['sha256']}", local)
-            if local.stat().st_size != expected["size"] or _sha256(local) != expected["sha256"]:
+            if local.stat().st_size != expected["size"] or sha256_file(local) != expected["sha256"]:
                 raise AiosError(f"{remote.describe(name)}: {relative} of version {record['version']} does not match "
                                 f"its recorded size and sha256 (changed after the push?); push the brain again")
         (staging / PULLED).write_text(json.dumps({"source": remote.describe(name), "version": record["version"]})
@@ -183,14 +183,6 @@ def _check_listing(remote: Storage, name: str, record: dict) -> None:
                 or not isinstance(expected.get("size"), int)):
             raise AiosError(f"{remote.describe(name)}/{LATEST} lists {relative!r}, which is not a file of a bundle "
                             f"(a path inside it with a sha256 and a size); nothing was pulled: push the brain again")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 __all__ = ["LATEST", "METADATA", "bundle_files", "cached_brain", "list_remote", "pull", "push"]

@@ -233,36 +233,35 @@ def _connect(config: TrainingConfig) -> None:
 CONTROLLER_POLL_S = "0.5"
 
 
-@contextlib.contextmanager
 def _controller_poll():
     """RAY_TRAIN_HEALTH_CHECK_INTERVAL_S for the embedded cluster's processes, unless the user set one."""
     if "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S" in os.environ:
-        yield
-        return
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = CONTROLLER_POLL_S
-    try:
-        yield
-    finally:
-        os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)
+        return contextlib.nullcontext()
+    return _environment("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", CONTROLLER_POLL_S)
 
 
-@contextlib.contextmanager
 def _visible_devices(cuda_ids: str | None):
     """CUDA_VISIBLE_DEVICES=cuda_ids while the embedded cluster starts (unchanged without --cuda-ids)."""
     if cuda_ids is None:
-        yield
-        return
-    previous = os.environ.get("CUDA_VISIBLE_DEVICES")
+        return contextlib.nullcontext()
     # The ids count the GPUs this process sees, as torch numbers them: within an existing restriction, its i-th.
-    seen = previous.split(",") if previous else None
-    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(seen[int(i)] if seen else i for i in cuda_ids.split(","))
+    seen = os.environ.get("CUDA_VISIBLE_DEVICES")
+    seen = seen.split(",") if seen else None
+    return _environment("CUDA_VISIBLE_DEVICES", ",".join(seen[int(i)] if seen else i for i in cuda_ids.split(",")))
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str):
+    """os.environ[name] = value inside the block, then as it was."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if previous is None:
-            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            os.environ.pop(name, None)
         else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = previous
+            os.environ[name] = previous
 
 
 def _log_dashboard(context) -> None:
