@@ -33,6 +33,7 @@ from aios.cluster.session import JobChannel, RaySession
 from aios.config import TrainingConfig
 from aios.errors import AiosError, Terminated
 from aios.train.loop import Trainer, TrainResult
+from aios.train.remote import RETRY_ENV, training_bundle
 from aios.train.session import consume_stop_file, new_staging_root
 
 log = logging.getLogger(__name__)
@@ -113,10 +114,16 @@ def _torch_trainer(config: TrainingConfig, bundle: BrainBundle, channel, *, requ
         run_config=RunConfig(
             name=RUN_NAME, storage_path=str(bundle.root.resolve()),
             failure_config=FailureConfig(max_failures=config.max_failures),
-            worker_runtime_env={"env_vars": faults.forwarded_env()},
+            worker_runtime_env={"env_vars": {**faults.forwarded_env(), **_forwarded_storage_env()}},
             logging_config=LoggingConfig(log_level="WARNING"),  # not every report's metrics
         ),
     )
+
+
+def _forwarded_storage_env() -> dict[str, str]:
+    """The storage settings the workers read from their environment: the S3 endpoint and the push retry time
+    (never a credential: an attached cluster's nodes have their own, an embedded one inherits this process's)."""
+    return {name: os.environ[name] for name in ("AWS_ENDPOINT_URL", RETRY_ENV) if name in os.environ}
 
 
 def _check_elastic_cluster(config: TrainingConfig, cpus: int) -> None:
@@ -344,7 +351,7 @@ def _train_worker(loop_config: dict) -> None:
     _quiet_ray_train_reports()
     torch.set_num_threads(loop_config["threads"])
     config = TrainingConfig.from_dict(loop_config["config"], check_paths=False)
-    bundle = BrainBundle.for_run(config.bundle_dir, config.brain_name)
+    bundle = training_bundle(config)
     channel = loop_config["channel"]
     if ray.get(channel.get_error.remote()) is not None:
         return  # a worker group restarted after a refusal: the driver raises it, nothing is retried

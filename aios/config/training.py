@@ -99,7 +99,8 @@ class TrainingConfig(BaseModel):
         "gpt2", "Tokenizer: a local tokenizer directory, a cached Hugging Face id, or gpt2.", "Data", min_length=1
     )
     dataset_file: str | None = setting(
-        None, "Training text: a .txt/.jsonl/.csv file, a directory of them, or a glob.", "Data"
+        None, "Training text: a .txt/.jsonl/.csv file, a directory of them, or a glob; or s3://BUCKET/KEY (a file, "
+        "or a prefix of them), downloaded once into --data-cache-dir.", "Data"
     )
     ascii_only: bool = setting(
         False, "Drop samples (lines, records, or whole documents in document mode) with non-ASCII characters.",
@@ -213,8 +214,16 @@ class TrainingConfig(BaseModel):
         "(a spot reclaim, a scale-down) and then save a checkpoint at once; 0 = never ask.", "Distributed", ge=0)
 
     # ---- Storage / Bundle -----------------------------------------------------------------------------
-    bundle_dir: str = setting(DEFAULT_BUNDLE_DIR, "Directory that holds brain bundles.", "Storage",
-                              min_length=1)
+    bundle_dir: str = setting(DEFAULT_BUNDLE_DIR, "Directory that holds brain bundles: local, or s3://BUCKET/PREFIX "
+                              "(the run trains in a local copy, pushed there at every checkpoint and at the end).",
+                              "Storage", min_length=1)
+    local_bundle_dir: str = setting(
+        DEFAULT_BUNDLE_DIR, "With an s3:// --bundle-dir: the local bundle directory whose .remote/ holds the copy "
+        "the run trains in (the copy `generate --brain s3://...` opens too).", "Storage", min_length=1)
+    s3_endpoint_url: str | None = setting(
+        None, "Endpoint of an S3-compatible service (MinIO, Ceph, R2) for the s3:// locations; default: "
+        "$AWS_ENDPOINT_URL, else AWS. Credentials: the standard AWS variables, profile or instance role.", "Storage",
+        min_length=1)
     brain_name: str = setting("default", "Bundle name: <bundle-dir>/<brain-name>/ (letters, digits, . _ -; "
                               "not starting with . or -).", "Bundle")
     run_name: str | None = setting(
@@ -268,7 +277,7 @@ class TrainingConfig(BaseModel):
             return value
         if value == "":
             raise _setting_error(f"{flag} is empty; pass a .txt/.jsonl/.csv file, a directory or a glob")
-        if _checks_paths(info) and _path_is_missing(value):
+        if _checks_paths(info) and not value.startswith("s3://") and _path_is_missing(value):
             what = "glob" if _is_glob(value) else "file"
             matches = " matches nothing" if what == "glob" else " does not exist"
             raise _setting_error(
@@ -393,6 +402,13 @@ class TrainingConfig(BaseModel):
             if self.max_workers > 1:
                 raise _setting_error(f"--world-size {self.world_size} needs --launcher ray (the in-process launcher "
                                      f"runs one worker); add --launcher ray", "world_size")
+        if self.s3_endpoint_url is not None and not any(
+                str(value or "").startswith("s3://") for value in (self.bundle_dir, self.dataset_file, self.eval_file)):
+            raise _setting_error("--s3-endpoint-url has no effect without an s3:// location; pass --bundle-dir or "
+                                 "--dataset-file s3://BUCKET/... or drop --s3-endpoint-url", "s3_endpoint_url")
+        if self.local_bundle_dir != DEFAULT_BUNDLE_DIR and not self.bundle_dir.startswith("s3://"):
+            raise _setting_error("--local-bundle-dir has no effect with a local --bundle-dir (the run trains there); "
+                                 "drop --local-bundle-dir", "local_bundle_dir")
         if self.elastic:
             self._check_elastic_batch()
         if self.cuda_ids is not None:

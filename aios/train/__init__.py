@@ -39,7 +39,10 @@ def launch(config: TrainingConfig, callbacks=None):
     if not config.dataset_file:
         raise AiosError("--dataset-file is required: pass a .txt/.jsonl/.csv file, directory or glob "
                         "(e.g. training_data/curated_datasets/test_sample.txt)")
-    bundle = BrainBundle.for_run(config.bundle_dir, config.brain_name)
+    from aios.train.remote import RemoteBrain, with_local_sources
+
+    remote = RemoteBrain.of(config)  # a remote bundle dir: train in its local copy, brought up to date first
+    bundle = remote.bring_up_to_date() if remote else BrainBundle.for_run(config.bundle_dir, config.brain_name)
     checkpoints = bundle.checkpoints_dir
     has_work = (bundle.root / WEIGHTS_NAME).exists() or (checkpoints.is_dir() and any(
         p.name.startswith("step-") for p in checkpoints.iterdir()))  # set-aside ones too: trained work
@@ -56,12 +59,15 @@ def launch(config: TrainingConfig, callbacks=None):
         newest = newest_intact_checkpoint(checkpoints)
         reached = saved_step(newest) if newest is not None else None
         if reached is not None and reached >= config.steps:
+            if remote:  # a run whose last push failed: the remote gets what the local copy holds
+                remote.push()
             return TrainResult(step=reached, reason="already_reached", final_eval=None, bundle=bundle.root)
     if config.resume and not has_work:
         log.warning("--resume: brain '%s' has no checkpoint yet; starting a new run", config.brain_name)
     _check_stop_file(config.stop_file)
     device = resolve_device(config.device, config.cuda_ids)
     created = _check_output_paths(config, bundle.root, resuming=has_work)
+    config = with_local_sources(config)  # an s3:// --dataset-file/--eval-file: prepared from its download
     try:
         if config.launcher == "ray":
             if callbacks is not None:
@@ -124,7 +130,8 @@ def _check_output_paths(config: TrainingConfig, bundle_root: Path, *, resuming: 
         if log_file.exists() and not os.access(log_file, os.W_OK):
             raise AiosError(f"--log-file {log_file}: no permission to write it; pass a file you can write")
     created: list[Path] = []
-    _writable_dir("--bundle-dir", Path(config.bundle_dir), created)
+    _writable_dir("--bundle-dir", bundle_root.parent, created,
+                  f" (the local copy of {config.bundle_dir})" if bundle_root.parent != Path(config.bundle_dir) else "")
     _writable_dir("--data-cache-dir", Path(config.data_cache_dir), created)
     if log_file is not None:
         _writable_dir("--log-file", log_file.parent, created, f" (the directory of {log_file})")

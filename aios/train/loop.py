@@ -55,6 +55,7 @@ from aios.train.optim import (
     set_hyperparameters,
 )
 from aios.train.precision import autocast_dtype, dtype_name
+from aios.train.remote import RemoteBrain
 from aios.train.session import Session
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,8 @@ class Trainer:
         self.rank, self.world = session.rank, session.world_size
         self.device = session.device
         self.is_main = self.rank == 0
-        self.bundle = BrainBundle.for_run(config.bundle_dir, config.brain_name)
+        self.remote = RemoteBrain.of(config)  # a remote --bundle-dir: pushed after every save and at the end
+        self.bundle = self.remote.local if self.remote else BrainBundle.for_run(config.bundle_dir, config.brain_name)
         self.started_at = time.time()
 
         random.seed(config.seed + self.rank)
@@ -633,7 +635,15 @@ class Trainer:
         self.write_bundle(last_metrics, path)
         self.log.write({"event": "checkpoint", "step": self.step, "path": str(path)})
         self.log.sync()
+        self._push()
         return path
+
+    def _push(self) -> None:
+        """Rank 0: the bundle, as now, as the remote bundle's next version (a remote --bundle-dir only)."""
+        if self.remote is not None and self.is_main:
+            record = self.remote.push()
+            self.log.write({"event": "push", "step": self.step, "to": self.remote.describe(),
+                            "version": record["version"], "uploaded_bytes": record["uploaded"]})
 
     def save_checkpoint(self, metrics: dict) -> Path | None:
         staged = self.session.staging_dir(self.step)
@@ -727,6 +737,9 @@ class Trainer:
             self.log.write({"event": "end", "step": self.step, "reason": reason, "eval": self.last_eval,
                             "sample_tokens_seen": self.counters.sample_tokens_seen,
                             "segment_tokens_seen": self.counters.segment_tokens_seen})
+            if self.step > start:  # the plot and the end record too
+                self.log.sync()
+                self._push()
         finally:
             self.log.close()
         return TrainResult(step=self.step, reason=reason, final_eval=self.last_eval, bundle=self.bundle.root,

@@ -1,0 +1,125 @@
+"""Training with `--bundle-dir s3://...` and `--dataset-file s3://...` against a real S3-compatible endpoint
+(moto's ThreadedMotoServer on 127.0.0.1, a bucket made by the test), the in-process launcher.
+
+The run trains in a local copy of the remote brain and pushes it after every checkpoint and at the end; a
+run on another machine (another local copy) resumes from what was pushed, bit for bit, and the endpoint
+going away during a push stops the run in one line without touching the remote's last whole version."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from aios.bundle.remote import LATEST, pull
+from aios.errors import AiosError
+from aios.storage import open_storage
+from aios.train import launch
+from aios.train.loop import TrainCallbacks
+from tests.bundle.test_remote_bundles import BUCKET, SECRET, keys, s3  # noqa: F401 - the module's S3 endpoint
+from tests.cli.test_train_e2e import TINY, aios
+from tests.cluster.test_ray_job import steps_logged
+from tests.train.test_loop import assert_same_weights
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def remote_text(s3, tmp_path_factory):
+    """The small training text as an object in the bucket."""
+    from tests.train.conftest import SAMPLE
+
+    s3["client"].put_object(Bucket=BUCKET, Key="data/small.txt", Body=SAMPLE.read_text()[:40_000].encode())
+    return f"s3://{BUCKET}/data/small.txt"
+
+
+def latest(s3, name: str, prefix: str = "runs") -> dict:
+    return json.loads(s3["client"].get_object(Bucket=BUCKET, Key=f"{prefix}/{name}/{LATEST}")["Body"].read())
+
+
+def test_a_run_on_s3_resumes_elsewhere_bit_for_bit_and_pull_brings_the_brain_home(s3, remote_text, make_config,
+                                                                                  tmp_path, data_cache, small_text):
+    reference_text = small_text.read_text()
+    reference = launch(make_config(brain_name="reference", checkpoint_every=3))  # local, uninterrupted, 6 steps
+    remote = dict(bundle_dir=f"s3://{BUCKET}/runs", dataset_file=remote_text, brain_name="far", checkpoint_every=3)
+    first = launch(make_config(**remote, steps=3, local_bundle_dir=str(tmp_path / "machine-1")))
+    assert first.step == 3 and first.bundle == tmp_path / "machine-1" / ".remote" / BUCKET / "runs" / "far"
+    record = latest(s3, "far")
+    assert record["metadata"]["steps"] == 3 and "checkpoints/step-000003/COMPLETE" in record["files"]
+    held = keys(s3["client"], "runs/far/")
+    assert {f"runs/far/objects/{f['sha256']}" for f in record["files"].values()} <= set(held)
+    # the data came from the bucket: its download is what was prepared
+    assert [p.read_text() for p in data_cache.glob("sources/*/small.txt")] == [reference_text]
+
+    # another machine: an empty local copy; --resume pulls the pushed brain and trains steps 4..6 from it
+    second = launch(make_config(**remote, steps=6, resume=True, local_bundle_dir=str(tmp_path / "machine-2")))
+    assert (second.step, second.trained_steps) == (6, 3)
+    assert_same_weights(reference.bundle, second.bundle)
+    assert latest(s3, "far")["metadata"]["steps"] == 6
+
+    home = pull(open_storage(f"s3://{BUCKET}/runs"), "far", tmp_path / "home")
+    assert_same_weights(reference.bundle, home.root)
+    assert steps_logged(home.root) == list(range(1, 7))  # the metrics log travels with the brain
+    assert (home.root / "training_curves.png").is_file()  # pushed once more after the end
+    assert SECRET not in (home.root / "metadata.json").read_text() + (home.root / "training_args.json").read_text()
+
+
+class StopEndpointAfter(TrainCallbacks):
+    def __init__(self, server, step: int):
+        self.server, self.step = server, step
+
+    def after_step(self, trainer, record: dict) -> None:
+        if record["step"] == self.step:
+            self.server.stop()
+
+
+def test_an_endpoint_that_stops_answering_stops_the_run_in_one_line_and_the_remote_keeps_its_version(
+        s3, remote_text, make_config, tmp_path, monkeypatch):
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)  # this test's own endpoint
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    monkeypatch.setenv("AIOS_STORAGE_RETRY_S", "2")
+    config = make_config(bundle_dir=f"s3://{BUCKET}/outage", brain_name="cut", checkpoint_every=3, steps=6,
+                         s3_endpoint_url=endpoint, local_bundle_dir=str(tmp_path / "local"))
+    try:
+        with pytest.raises(AiosError) as stopped:
+            launch(config, callbacks=StopEndpointAfter(server, 4))  # the push of step 6 finds no endpoint
+        message = str(stopped.value)
+        assert "\n" not in message and message.startswith(f"cannot push brain 'cut' to s3://{BUCKET}/outage/cut")
+        assert "cannot reach the S3 endpoint" in message and "rerun with --resume" in message
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)  # back, same state
+        server.start()
+        assert latest(s3, "cut", "outage")["metadata"]["steps"] == 3  # the last whole version, untouched
+        # the rerun finds the local copy ahead of the remote (step 6 was checkpointed): it pushes it
+        again = launch(config.replace(resume=True))
+        assert again.reason == "already_reached" and latest(s3, "cut", "outage")["metadata"]["steps"] == 6
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("problem, args, env, expected", [
+    ("unknown bucket", ["--bundle-dir", "s3://no-such-bucket/runs"], {},
+     "s3://no-such-bucket/runs: bucket 'no-such-bucket' does not exist"),
+    ("wrong endpoint", ["--bundle-dir", f"s3://{BUCKET}/runs", "--s3-endpoint-url", "http://127.0.0.1:9"], {},
+     "cannot reach the S3 endpoint at http://127.0.0.1:9"),
+    ("missing credentials", ["--bundle-dir", f"s3://{BUCKET}/runs"],
+     {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None}, "no S3 credentials"),
+    ("missing object", ["--dataset-file", f"s3://{BUCKET}/data/none.txt", "--bundle-dir", f"s3://{BUCKET}/runs"], {},
+     "no such object or prefix"),
+])
+def test_bad_s3_locations_are_refused_in_one_line_with_exit_2(s3, remote_text, tmp_path, monkeypatch, problem, args,
+                                                              env, expected):
+    for name, value in env.items():
+        monkeypatch.delenv(name) if value is None else monkeypatch.setenv(name, value)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.aws either
+    dataset = [] if "--dataset-file" in args else ["--dataset-file", remote_text]
+    result = aios("hrm-hf", "train-actv1", *TINY, "--steps", 1, *dataset, *args, "--data-cache-dir",
+                  tmp_path / "cache", "--local-bundle-dir", tmp_path / "local", "--brain-name", "bad", check=False)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert SECRET not in result.stdout + result.stderr
