@@ -104,7 +104,7 @@ def cached_brain(source: str, bundle_dir: Path, endpoint_url: str | None = None)
     remote = open_storage(parent, endpoint_url)
     remote.check()
     record = _latest_or_refuse(remote, name)
-    final = Path(bundle_dir) / REMOTE_CACHE / remote.bucket / remote.path().partition("/")[2] / name
+    final = local_copy(remote, name, Path(bundle_dir))
     marker = final / PULLED
     if marker.is_file() and BrainBundle(final).missing() is None:
         try:
@@ -113,6 +113,11 @@ def cached_brain(source: str, bundle_dir: Path, endpoint_url: str | None = None)
         except ValueError:
             pass  # a damaged marker: pull again
     return _pull(remote, name, record, final, replace=True)
+
+
+def local_copy(remote: Storage, name: str, bundle_dir: Path) -> Path:
+    """Where the local copy of remote/<name> lives under a local bundle dir (for generate/eval and for training)."""
+    return Path(bundle_dir) / REMOTE_CACHE / remote.bucket / remote.path().partition("/")[2] / name
 
 
 def _latest_or_refuse(remote: Storage, name: str) -> dict:

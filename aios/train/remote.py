@@ -52,12 +52,11 @@ class RemoteBrain:
 
     def __init__(self, bundle_dir: str, name: str, endpoint_url: str | None = None,
                  local_bundle_dir: str | Path = DEFAULT_BUNDLE_DIR):
-        from aios.bundle.remote import REMOTE_CACHE
+        from aios.bundle.remote import local_copy
 
         self.storage = open_storage(bundle_dir, endpoint_url)
         self.name = name
-        self.local = BrainBundle(Path(local_bundle_dir) / REMOTE_CACHE / self.storage.bucket
-                                 / self.storage.path().partition("/")[2] / name)
+        self.local = BrainBundle(local_copy(self.storage, name, Path(local_bundle_dir)))
 
     @classmethod
     def of(cls, config) -> RemoteBrain | None:
@@ -130,13 +129,11 @@ def download_remote_source(uri: str, cache_dir: str | Path, endpoint_url: str | 
     if info.type == fs.FileType.File:
         objects = {leaf: (info.size, info.mtime_ns)}
         source = storage
-        prefix = ""
     elif info.type == fs.FileType.Directory:
         source = open_storage(uri.rstrip("/"), endpoint_url)
         selector = fs.FileSelector(source.path(), allow_not_found=True)
         infos = source._call(lambda: source.filesystem().get_file_info(selector), "")
         objects = {i.base_name: (i.size, i.mtime_ns) for i in infos if i.type == fs.FileType.File and i.base_name}
-        prefix = ""
         if not objects:
             raise AiosError(f"{flag} {uri}: no objects under that prefix; upload the .txt/.jsonl/.csv files there")
     else:
@@ -154,7 +151,7 @@ def download_remote_source(uri: str, cache_dir: str | Path, endpoint_url: str | 
     shutil.rmtree(staging, ignore_errors=True)
     try:
         for name in objects:
-            source.download_file(f"{prefix}{name}", staging / name)
+            source.download_file(name, staging / name)
         (staging / SOURCE_RECORD).write_text(json.dumps(record) + "\n")
         shutil.rmtree(target, ignore_errors=True)  # an older download of the same URI (aios's own directory)
         target.parent.mkdir(parents=True, exist_ok=True)
