@@ -167,11 +167,19 @@ class Storage:
 
     def list_files(self, relative: str = "") -> list[str]:
         """The names of the files directly under `relative` (none when it does not exist)."""
+        return sorted(self.sizes(relative))
+
+    def sizes(self, relative: str = "") -> dict[str, int]:
+        """The files directly under `relative` and their sizes in bytes (none when it does not exist)."""
         from pyarrow import fs
 
         selector = fs.FileSelector(self.path(relative), allow_not_found=True)
         infos = self._call(lambda: self.filesystem().get_file_info(selector), relative)
-        return sorted(info.base_name for info in infos if info.type == fs.FileType.File and info.base_name)
+        return {info.base_name: info.size for info in infos if info.type == fs.FileType.File and info.base_name}
+
+    def copy_file(self, relative: str, to: str) -> None:
+        """A copy within the storage (S3: a server-side copy, nothing passes through this machine)."""
+        self._call(lambda: self.filesystem().copy_file(self.path(relative), self.path(to)), relative)
 
     def delete_file(self, relative: str) -> None:
         self._call(lambda: self.filesystem().delete_file(self.path(relative)), relative)

@@ -34,6 +34,7 @@ from aios.config import TrainingConfig
 from aios.errors import AiosError, Terminated
 from aios.train.loop import Trainer, TrainResult
 from aios.train.remote import RETRY_ENV, training_bundle
+from aios.train.run_storage import RemoteCheckpoints, checkpoints_location
 from aios.train.session import consume_stop_file, new_staging_root
 
 log = logging.getLogger(__name__)
@@ -55,15 +56,17 @@ def run_on_ray(config: TrainingConfig, bundle: BrainBundle, *, require_checkpoin
     if address and not ray.is_initialized():
         _check_reachable(address, flag)  # first: it costs nothing, preparing the data may take a while
     _prepare_data(config)
-    _forget_ray_snapshot(bundle)
+    checkpoints = checkpoints_location(config, bundle.checkpoints_dir)
+    _forget_ray_snapshot(checkpoints)
     was_connected = ray.is_initialized()
     channel: list = []  # the JobChannel, once the cluster is up
-    staging_root = new_staging_root(bundle.checkpoints_dir)  # shared by the workers (all on this node)
+    # Shared by the workers (all on this node); on remote storage every worker stages on its own node.
+    staging_root = None if isinstance(checkpoints, RemoteCheckpoints) else new_staging_root(checkpoints)
     try:
         with _stop_on_signals(channel):  # while the cluster starts: a signal stops the setup
             _connect(config)
             channel.append(JobChannel.remote())
-            trainer = _torch_trainer(config, bundle, channel[0], require_checkpoint=require_checkpoint,
+            trainer = _torch_trainer(config, checkpoints, channel[0], require_checkpoint=require_checkpoint,
                                      staging_root=staging_root)
         with _stop_on_signals(channel):  # again: ray.init installs handlers of its own (SIGTERM: exit at once)
             error = _fit_off_the_main_thread(trainer)
@@ -76,7 +79,8 @@ def run_on_ray(config: TrainingConfig, bundle: BrainBundle, *, require_checkpoin
     finally:
         if not was_connected and ray.is_initialized():
             ray.shutdown()
-        shutil.rmtree(staging_root, ignore_errors=True)
+        if staging_root is not None:
+            shutil.rmtree(staging_root, ignore_errors=True)
         consume_stop_file(config.stop_file)  # one that appeared during the run (the launcher checked)
     if data is None:
         raise AiosError("the Ray job ended without a result from its workers; see the log above")
@@ -85,8 +89,8 @@ def run_on_ray(config: TrainingConfig, bundle: BrainBundle, *, require_checkpoin
                        trained_steps=data["trained_steps"], plot=Path(data["plot"]) if data["plot"] else None)
 
 
-def _torch_trainer(config: TrainingConfig, bundle: BrainBundle, channel, *, require_checkpoint: bool,
-                   staging_root: Path) -> TorchTrainer:
+def _torch_trainer(config: TrainingConfig, checkpoints: Path | RemoteCheckpoints, channel, *,
+                   require_checkpoint: bool, staging_root: Path | None) -> TorchTrainer:
     workers = config.max_workers
     node_id, node_cpus = _driver_node()
     cpus = config.cpus_per_worker or max(1, node_cpus // workers)
@@ -108,16 +112,25 @@ def _torch_trainer(config: TrainingConfig, bundle: BrainBundle, channel, *, requ
         train_loop_config={
             "config": config.to_dict(), "cwd": os.getcwd(), "threads": cpus, "channel": channel,
             "require_checkpoint": require_checkpoint, "log_level": logging.getLogger().getEffectiveLevel(),
-            "staging_root": str(staging_root.resolve()),
+            "staging_root": str(staging_root.resolve()) if staging_root is not None else None,
         },
         scaling_config=ScalingConfig(**scaling, use_gpu=_use_gpu(config)),
         run_config=RunConfig(
-            name=RUN_NAME, storage_path=str(bundle.root.resolve()),
+            name=RUN_NAME, **_ray_storage(checkpoints),
             failure_config=FailureConfig(max_failures=config.max_failures),
             worker_runtime_env={"env_vars": {**faults.forwarded_env(), **_forwarded_storage_env()}},
             logging_config=LoggingConfig(log_level="WARNING"),  # not every report's metrics
         ),
     )
+
+
+def _ray_storage(checkpoints: Path | RemoteCheckpoints) -> dict:
+    """RunConfig's storage: the folder that holds the checkpoints folder (it is the run's directory, RUN_NAME),
+    with its filesystem when remote, so that the endpoint reaches Ray's controller too."""
+    if isinstance(checkpoints, RemoteCheckpoints):
+        path, filesystem = checkpoints.ray_storage()
+        return {"storage_path": path, "storage_filesystem": filesystem}
+    return {"storage_path": str(checkpoints.parent.resolve())}
 
 
 def _forwarded_storage_env() -> dict[str, str]:
@@ -158,11 +171,14 @@ def elastic_cluster_problem(config: TrainingConfig, cpus: int, nodes: list[dict]
     return None
 
 
-def _forget_ray_snapshot(bundle: BrainBundle) -> None:
-    """Remove Ray's record of the previous job's checkpoints. aios resumes from what is on disk (the newest
+def _forget_ray_snapshot(checkpoints: Path | RemoteCheckpoints) -> None:
+    """Remove Ray's record of the previous job's checkpoints. aios resumes from what is stored (the newest
     intact step-N), and prunes and sets aside checkpoints itself, so the record goes stale; a Ray controller
     that finds a listed checkpoint missing refuses to start."""
-    (bundle.checkpoints_dir / RAY_SNAPSHOT).unlink(missing_ok=True)
+    if isinstance(checkpoints, RemoteCheckpoints):
+        checkpoints.forget_ray_snapshot(RAY_SNAPSHOT)
+    else:
+        (checkpoints / RAY_SNAPSHOT).unlink(missing_ok=True)
 
 
 def _driver_node() -> tuple[str, int]:
@@ -355,10 +371,12 @@ def _train_worker(loop_config: dict) -> None:
     channel = loop_config["channel"]
     if ray.get(channel.get_error.remote()) is not None:
         return  # a worker group restarted after a refusal: the driver raises it, nothing is retried
-    session = RaySession(bundle.checkpoints_dir, device=_worker_device(config), keep_checkpoints=config.keep_checkpoints,
-                         stop_file=config.stop_file, channel=channel,
+    checkpoints = checkpoints_location(config, bundle.checkpoints_dir)
+    remote = checkpoints if isinstance(checkpoints, RemoteCheckpoints) else None
+    session = RaySession(bundle.checkpoints_dir if remote else checkpoints, device=_worker_device(config),
+                         keep_checkpoints=config.keep_checkpoints, stop_file=config.stop_file, channel=channel,
                          require_checkpoint=loop_config["require_checkpoint"],
-                         staging_root=Path(loop_config["staging_root"]))
+                         staging_root=loop_config["staging_root"], remote=remote)
     try:
         result = Trainer(config, session, faults.callbacks_from_env()).run()
     except AiosError as exc:  # a refusal: the same on every retry, so the driver raises it instead

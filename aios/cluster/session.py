@@ -87,7 +87,7 @@ class JobChannel:
 
 class RaySession:
     def __init__(self, checkpoints_dir: Path, *, device: torch.device, keep_checkpoints: int, stop_file: str | None,
-                 channel, require_checkpoint: bool, staging_root: Path):
+                 channel, require_checkpoint: bool, staging_root: Path | None, remote=None):
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
@@ -100,7 +100,13 @@ class RaySession:
         self.require_checkpoint = require_checkpoint
         self._reason: str | None = None
         self._pending = None  # the question to the driver in flight (an ObjectRef)
-        self.staging_root = Path(staging_root)  # shared by the workers (made by the driver)
+        self.staging_root = Path(staging_root) if staging_root else None  # shared by the workers (made by the driver)
+        # --storage-path s3://...: checkpoints staged on each worker's node, uploaded by every rank, sealed by rank 0
+        self.remote = None
+        if remote is not None:
+            from aios.train.run_storage import RemoteCheckpointing
+
+            self.remote = RemoteCheckpointing(remote, rank=self.rank, world_size=self.world_size, gather=self._gather)
         self._flat: torch.Tensor | None = None  # the gradient all-reduce buffer
         # Worker groups this job started before this one: Ray restarts after a failure (--max-failures).
         self.restarts = ray.get(channel.attempt_started.remote()) - 1 if channel is not None and self.rank == 0 else 0
@@ -108,6 +114,8 @@ class RaySession:
     def restore(self, load: Callable[[Path], None]) -> Path | None:
         # Always: before this job trained, the launcher refused a bundle with trained work unless --resume,
         # so a checkpoint found by a fresh run is this job's own, from an attempt that failed.
+        if self.remote:
+            return self.remote.restore(load, require=self.require_checkpoint)
         if self.world_size == 1:
             return restore_newest(self.checkpoints_dir, load, require=self.require_checkpoint)
         tried = False
@@ -132,6 +140,13 @@ class RaySession:
             if self.rank == 0:  # some rank could not load it: like corruption, set aside; try the previous one
                 set_aside(candidate, "invalid")
 
+    def _gather(self, value) -> list:
+        if self.world_size == 1:
+            return [value]
+        values = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
     def _broadcast(self, value):
         box = [value]
         dist.broadcast_object_list(box, src=0)
@@ -153,6 +168,8 @@ class RaySession:
         return buffer.to(device)
 
     def staging_dir(self, step: int) -> Path:
+        if self.remote:
+            return self.remote.staging_dir(step)  # this rank's own, on its node
         path = self.staging_root / step_dir_name(step)
         path.mkdir(parents=True, exist_ok=True)  # every rank writes its own files here; rank 0 seals
         return path
@@ -162,6 +179,8 @@ class RaySession:
         if checkpoint_dir is None:
             ray.train.report(metrics)
             return None
+        if self.remote:
+            return self._report_remote(metrics, checkpoint_dir)
         if self.world_size > 1:
             dist.barrier()  # every rank's files are written (and fsynced)
         if self.rank != 0:
@@ -181,6 +200,30 @@ class RaySession:
                          checkpoint_dir_name=step_dir_name(step), checkpoint_upload_fn=publish,
                          delete_local_checkpoint_after_upload=False)
         return published[0]
+
+    def _report_remote(self, metrics: dict, checkpoint_dir: Path) -> Path | None:
+        """Every rank uploads its files; rank 0 seals the step in Ray's checkpoint_upload_fn, so that Ray records
+        the checkpoint (on the remote storage) once it is published."""
+        step = int(metrics["step"])
+        files = self.remote.upload(checkpoint_dir, step)
+        if self.rank != 0:
+            ray.train.report(metrics)
+            return None
+        storage = self.remote.remote.storage
+
+        def seal(_checkpoint: ray.train.Checkpoint, name: str) -> ray.train.Checkpoint:
+            self.remote.seal(step, files, self.keep)
+            return ray.train.Checkpoint(storage.path(name), filesystem=storage.filesystem())
+
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir.absolute())),
+                         checkpoint_dir_name=step_dir_name(step), checkpoint_upload_fn=seal,
+                         delete_local_checkpoint_after_upload=False)
+        return checkpoint_dir
+
+    def describe_checkpoint(self, directory: Path | None) -> str:
+        if directory is None:  # a rank other than 0 after a report
+            return ""
+        return self.remote.remote.describe(directory.name) if self.remote else str(directory)
 
     def enter_loop(self) -> None:
         pass  # a driver's SIGTERM reaches the workers only as the stop flag, read in the loop
@@ -222,11 +265,12 @@ class RaySession:
 
     def run_info(self) -> dict:
         return {"launcher": "ray", "world_size": self.world_size, "ray_version": ray.__version__,
-                "ray_storage": str(self.checkpoints_dir), "ray_restarts": self.restarts,
+                "ray_storage": self.remote.remote.describe() if self.remote else str(self.checkpoints_dir), "ray_restarts": self.restarts,
                 "torch_threads": torch.get_num_threads()}
 
     def close(self) -> None:
-        pass  # the driver removes the shared staging directory after the job
+        if self.remote:  # this rank's node-local staging and downloads (the driver removes the shared staging)
+            self.remote.close()
 
 
 def sum_gradients(params: list[torch.nn.Parameter], flat: torch.Tensor | None) -> torch.Tensor:

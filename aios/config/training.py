@@ -217,6 +217,10 @@ class TrainingConfig(BaseModel):
     bundle_dir: str = setting(DEFAULT_BUNDLE_DIR, "Directory that holds brain bundles: local, or s3://BUCKET/PREFIX "
                               "(the run trains in a local copy, pushed there at every checkpoint and at the end).",
                               "Storage", min_length=1)
+    storage_path: str | None = setting(
+        None, "Where the run's checkpoints and Ray's run directory live: a local directory (e.g. one every node "
+        "mounts) or s3://BUCKET/PREFIX, as <storage-path>/<brain-name>/checkpoints/; default: the bundle's "
+        "checkpoints/.", "Storage", min_length=1)
     local_bundle_dir: str = setting(
         DEFAULT_BUNDLE_DIR, "With an s3:// --bundle-dir: the local bundle directory whose .remote/ holds the copy "
         "the run trains in (the copy `generate --brain s3://...` opens too).", "Storage", min_length=1)
@@ -403,9 +407,11 @@ class TrainingConfig(BaseModel):
                 raise _setting_error(f"--world-size {self.world_size} needs --launcher ray (the in-process launcher "
                                      f"runs one worker); add --launcher ray", "world_size")
         if self.s3_endpoint_url is not None and not any(
-                str(value or "").startswith("s3://") for value in (self.bundle_dir, self.dataset_file, self.eval_file)):
-            raise _setting_error("--s3-endpoint-url has no effect without an s3:// location; pass --bundle-dir or "
-                                 "--dataset-file s3://BUCKET/... or drop --s3-endpoint-url", "s3_endpoint_url")
+                str(value or "").startswith("s3://")
+                for value in (self.bundle_dir, self.storage_path, self.dataset_file, self.eval_file)):
+            raise _setting_error("--s3-endpoint-url has no effect without an s3:// location; pass --bundle-dir, "
+                                 "--storage-path or --dataset-file s3://BUCKET/... or drop --s3-endpoint-url",
+                                 "s3_endpoint_url")
         if self.local_bundle_dir != DEFAULT_BUNDLE_DIR and not self.bundle_dir.startswith("s3://"):
             raise _setting_error("--local-bundle-dir has no effect with a local --bundle-dir (the run trains there); "
                                  "drop --local-bundle-dir", "local_bundle_dir")

@@ -40,12 +40,20 @@ def launch(config: TrainingConfig, callbacks=None):
         raise AiosError("--dataset-file is required: pass a .txt/.jsonl/.csv file, directory or glob "
                         "(e.g. training_data/curated_datasets/test_sample.txt)")
     from aios.train.remote import RemoteBrain, with_local_sources
+    from aios.train.run_storage import RemoteCheckpoints, checkpoints_location
 
     remote = RemoteBrain.of(config)  # a remote bundle dir: train in its local copy, brought up to date first
     bundle = remote.bring_up_to_date() if remote else BrainBundle.for_run(config.bundle_dir, config.brain_name)
-    checkpoints = bundle.checkpoints_dir
-    has_work = (bundle.root / WEIGHTS_NAME).exists() or (checkpoints.is_dir() and any(
-        p.name.startswith("step-") for p in checkpoints.iterdir()))  # set-aside ones too: trained work
+    # --storage-path: the checkpoints live there (a local directory, or RemoteCheckpoints on S3)
+    location = checkpoints_location(config, bundle.checkpoints_dir)
+    remote_checkpoints = location if isinstance(location, RemoteCheckpoints) else None
+    checkpoints = bundle.checkpoints_dir if remote_checkpoints else location
+    if remote_checkpoints:
+        remote_checkpoints.storage.check()
+        has_checkpoints = remote_checkpoints.has_any()
+    else:
+        has_checkpoints = checkpoints.is_dir() and any(p.name.startswith("step-") for p in checkpoints.iterdir())
+    has_work = (bundle.root / WEIGHTS_NAME).exists() or has_checkpoints  # set-aside checkpoints too: trained work
     if has_work and not config.resume:
         if config.run_name and _recorded_run_name(bundle) == config.run_name:
             log.info("run '%s' has trained brain '%s' before: continuing it from its newest checkpoint",
@@ -56,8 +64,12 @@ def launch(config: TrainingConfig, callbacks=None):
                             f"--resume to continue it (or the --run-name it was trained with), or choose a new "
                             f"--brain-name")
     if config.resume and has_work:
-        newest = newest_intact_checkpoint(checkpoints)
-        reached = saved_step(newest) if newest is not None else None
+        if remote_checkpoints:
+            newest = remote_checkpoints.newest_sealed(set_aside_broken=False)
+            reached = remote_checkpoints.saved_step(newest) if newest is not None else None
+        else:
+            newest = newest_intact_checkpoint(checkpoints)
+            reached = saved_step(newest) if newest is not None else None
         if reached is not None and reached >= config.steps:
             if remote:  # a run whose last push failed: the remote gets what the local copy holds
                 remote.push()
@@ -66,7 +78,8 @@ def launch(config: TrainingConfig, callbacks=None):
         log.warning("--resume: brain '%s' has no checkpoint yet; starting a new run", config.brain_name)
     _check_stop_file(config.stop_file)
     device = resolve_device(config.device, config.cuda_ids)
-    created = _check_output_paths(config, bundle.root, resuming=has_work)
+    created = _check_output_paths(config, bundle.root, resuming=has_work,
+                                  checkpoints=None if remote_checkpoints else checkpoints)
     config = with_local_sources(config)  # an s3:// --dataset-file/--eval-file: prepared from its download
     try:
         if config.launcher == "ray":
@@ -78,7 +91,8 @@ def launch(config: TrainingConfig, callbacks=None):
                 remove_leftovers(checkpoints)
                 return run_on_ray(config, bundle, require_checkpoint=has_work)
         session = LocalSession(checkpoints, device=device, keep_checkpoints=config.keep_checkpoints,
-                               resume=config.resume, stop_file=config.stop_file, require_checkpoint=has_work)
+                               resume=config.resume, stop_file=config.stop_file, require_checkpoint=has_work,
+                               remote=remote_checkpoints)
         with bundle.lock(), session.handle_signals():  # SIGTERM from here on: a clean exit (see LocalSession)
             remove_leftovers(checkpoints)
             try:
@@ -111,7 +125,8 @@ def _writable_dir(flag: str, path: Path, created: list[Path], what: str = "") ->
         raise AiosError(f"{flag} {path}{what}: no permission to write there; pass a directory you can write to")
 
 
-def _check_output_paths(config: TrainingConfig, bundle_root: Path, *, resuming: bool) -> list[Path]:
+def _check_output_paths(config: TrainingConfig, bundle_root: Path, *, resuming: bool,
+                        checkpoints: Path | None = None) -> list[Path]:
     """Every output location is the right kind of thing and can be created and written, before any work
     (the checks that create nothing come first)."""
     if bundle_root.exists() and not bundle_root.is_dir():
@@ -132,6 +147,10 @@ def _check_output_paths(config: TrainingConfig, bundle_root: Path, *, resuming: 
     created: list[Path] = []
     _writable_dir("--bundle-dir", bundle_root.parent, created,
                   f" (the local copy of {config.bundle_dir})" if bundle_root.parent != Path(config.bundle_dir) else "")
+    if config.storage_path and checkpoints is not None:  # a local --storage-path
+        if checkpoints.parent.exists() and not checkpoints.parent.is_dir():
+            raise AiosError(f"--storage-path: {checkpoints.parent} is a file: remove it or pass another --storage-path")
+        _writable_dir("--storage-path", checkpoints, created, f" (the checkpoints of brain '{config.brain_name}')")
     _writable_dir("--data-cache-dir", Path(config.data_cache_dir), created)
     if log_file is not None:
         _writable_dir("--log-file", log_file.parent, created, f" (the directory of {log_file})")

@@ -131,13 +131,22 @@ def seal_checkpoint(directory: Path) -> None:
     for path in directory.iterdir():
         if path.is_file() and path.name not in expected:
             path.unlink()
-    files = {name: {"sha256": sha256_file(directory / name), "bytes": (directory / name).stat().st_size}
-             for name in sorted(expected)}
+    files = {name: file_record(directory / name) for name in expected}
     tmp = directory / f".{COMPLETE}.tmp"
-    tmp.write_text(json.dumps({"files": files}, indent=1) + "\n")
+    tmp.write_text(complete_text(files))
     fsync_file(tmp)
     tmp.replace(directory / COMPLETE)
     fsync_dir(directory)
+
+
+def file_record(path: Path) -> dict:
+    """What COMPLETE records of one file."""
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def complete_text(files: dict[str, dict]) -> str:
+    """The content of COMPLETE for these files (name -> file_record)."""
+    return json.dumps({"files": dict(sorted(files.items()))}, indent=1) + "\n"
 
 
 def publish_checkpoint(staged: Path, checkpoints_dir: Path, step: int, keep: int) -> Path:

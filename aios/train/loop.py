@@ -633,7 +633,7 @@ class Trainer:
                             f"): nothing was saved, the bundle keeps its last good state; resume with a lower --lr")
         path = self.save_checkpoint(last_metrics)
         self.write_bundle(last_metrics, path)
-        self.log.write({"event": "checkpoint", "step": self.step, "path": str(path)})
+        self.log.write({"event": "checkpoint", "step": self.step, "path": self.session.describe_checkpoint(path)})
         self.log.sync()
         self._push()
         return path
@@ -697,7 +697,7 @@ class Trainer:
                                   resume_step=start)
         self.console = Console(cfg.progress and self.is_main, total=cfg.steps, start=start)
         self.log.write({"event": "start", "step": start, "brain": cfg.brain_name,
-                        "resumed_from": str(self.restored_from or ""),
+                        "resumed_from": self.session.describe_checkpoint(self.restored_from) if self.restored_from else "",
                         "parameters": self.model.num_parameters(), "device": str(self.device),
                         "autocast": dtype_name(self.amp_dtype), "unigram_entropy": self.unigram_entropy,
                         "global_batch": self.global_batch, "train_sequences": self.dataset.num_train,

@@ -23,7 +23,9 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from aios.atomic import atomic_write_text
 from aios.bundle import BrainBundle
@@ -33,6 +35,7 @@ from aios.storage import is_remote, open_storage
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 RETRY_ENV = "AIOS_STORAGE_RETRY_S"
 DEFAULT_RETRY_S = 60.0
 SOURCES = "sources"  # under the data cache: downloaded remote sources
@@ -92,23 +95,30 @@ class RemoteBrain:
         version in the copy. Raises AiosError in one line when the storage does not answer in time."""
         from aios.bundle.remote import PULLED, push
 
-        deadline = time.monotonic() + retry_seconds()
-        delay = 0.5
-        while True:
-            try:
-                record = push(self.local, self.storage, checkpoints=True)
-                break
-            except AiosError as exc:
-                if time.monotonic() + delay > deadline:
-                    raise AiosError(f"cannot push brain '{self.name}' to {self.describe()} ({exc}); the remote keeps "
-                                    f"its previous version, {self.local.root} holds this run's work: rerun with "
-                                    f"--resume once the storage answers") from None
-                log.warning("push to %s failed (%s); retrying in %.1f s", self.describe(), exc, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 8.0)
+        record = with_retries(
+            lambda: push(self.local, self.storage, checkpoints=True), f"push to {self.describe()}",
+            lambda problem: f"cannot push brain '{self.name}' to {self.describe()} ({problem}); the remote keeps its "
+                            f"previous version, {self.local.root} holds this run's work: rerun with --resume once the "
+                            f"storage answers")
         atomic_write_text(self.local.root / PULLED,
                           json.dumps({"source": self.describe(), "version": record["version"]}) + "\n")
         return record
+
+
+def with_retries(operation: Callable[[], T], what: str, failure: Callable[[str], str]) -> T:
+    """`operation()`, retried with backoff while it fails with AiosError (a storage that does not answer) for
+    $AIOS_STORAGE_RETRY_S seconds; then AiosError(failure(its last one-line error))."""
+    deadline = time.monotonic() + retry_seconds()
+    delay = 0.5
+    while True:
+        try:
+            return operation()
+        except AiosError as exc:
+            if time.monotonic() + delay > deadline:
+                raise AiosError(failure(str(exc))) from None
+            log.warning("%s failed (%s); retrying in %.1f s", what, exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 8.0)
 
 
 def training_bundle(config) -> BrainBundle:

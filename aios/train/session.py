@@ -79,6 +79,9 @@ class Session(Protocol):
     def run_info(self) -> dict:
         """How this run is executed, for metadata.json: launcher, world size and the launcher's own facts."""
 
+    def describe_checkpoint(self, directory: Path) -> str:
+        """Where a checkpoint that `restore` or `report` returned lives, as the user would write it."""
+
 
 def resolve_device(name: str, cuda_ids: str | None = None) -> torch.device:
     """The device of an in-process run (`--cuda-ids`: its first GPU); refuses GPUs this machine does not have."""
@@ -173,9 +176,16 @@ class LocalSession:
     local_rank = 0
 
     def __init__(self, checkpoints_dir: Path, *, device: torch.device, keep_checkpoints: int,
-                 resume: bool, stop_file: str | None = None, require_checkpoint: bool = False):
+                 resume: bool, stop_file: str | None = None, require_checkpoint: bool = False, remote=None):
+        """`remote`: a RemoteCheckpoints (aios.train.run_storage) that holds the checkpoints instead of
+        `checkpoints_dir` (then only the staging directory is local)."""
         self.device = device
         self.checkpoints_dir = Path(checkpoints_dir)
+        self.remote = None
+        if remote is not None:
+            from aios.train.run_storage import RemoteCheckpointing
+
+            self.remote = RemoteCheckpointing(remote, rank=0, world_size=1, gather=lambda value: [value])
         self.keep = keep_checkpoints
         self.resume = resume
         self.require_checkpoint = require_checkpoint  # resuming a bundle that holds trained work
@@ -233,6 +243,11 @@ class LocalSession:
     def run_info(self) -> dict:
         return {"launcher": "local", "world_size": 1}
 
+    def describe_checkpoint(self, directory: Path | None) -> str:
+        if directory is None:  # a rank other than 0 after a report
+            return ""
+        return self.remote.remote.describe(directory.name) if self.remote else str(directory)
+
     def consume_stop_file(self) -> None:
         consume_stop_file(self.stop_file)
 
@@ -240,9 +255,13 @@ class LocalSession:
     def restore(self, load: Callable[[Path], None]) -> Path | None:
         if not self.resume:
             return None
+        if self.remote:
+            return self.remote.restore(load, require=self.require_checkpoint)
         return restore_newest(self.checkpoints_dir, load, require=self.require_checkpoint)
 
     def staging_dir(self, step: int) -> Path:
+        if self.remote:
+            return self.remote.staging_dir(step)
         if self._staging_root is None:
             self._staging_root = new_staging_root(self.checkpoints_dir)
         return empty_step_dir(self._staging_root, step)
@@ -256,9 +275,15 @@ class LocalSession:
     def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> Path | None:
         if checkpoint_dir is None:
             return None
+        if self.remote:
+            step = int(metrics["step"])
+            self.remote.seal(step, self.remote.upload(Path(checkpoint_dir), step), self.keep)
+            return Path(checkpoint_dir)
         seal_checkpoint(Path(checkpoint_dir))
         return publish_checkpoint(Path(checkpoint_dir), self.checkpoints_dir, int(metrics["step"]), self.keep)
 
     def close(self) -> None:
         if self._staging_root is not None:
             shutil.rmtree(self._staging_root, ignore_errors=True)
+        if self.remote:
+            self.remote.close()

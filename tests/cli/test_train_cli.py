@@ -242,7 +242,7 @@ def test_to_cli_args_round_trips_every_field(corpus):
         "cuda_ids": "2,3", "world_size": "1-2", "zero_stage": "zero3", "expert_id": "e1",
         "parallel_independent": True, "device": "cuda", "launcher": "ray",
         "max_failures": 2, "cpus_per_worker": 1, "preemption_check_every": 3, "bundle_dir": "s3://bucket/brains",
-        "local_bundle_dir": "here/brains", "s3_endpoint_url": "http://127.0.0.1:9000",
+        "storage_path": "s3://bucket/runs", "local_bundle_dir": "here/brains", "s3_endpoint_url": "http://127.0.0.1:9000",
         "brain_name": "all-fields", "run_name": "run-1",
     }
     # --amp-dtype means nothing with --no-amp, and --ray-address nothing with --cuda-ids (both are refused then):

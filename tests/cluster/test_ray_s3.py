@@ -1,4 +1,4 @@
-"""The Ray job with its bundle and data on a real S3-compatible endpoint (moto's ThreadedMotoServer on
+"""The Ray job with its checkpoints, bundle and data on a real S3-compatible endpoint (moto's ThreadedMotoServer on
 127.0.0.1), two workers. Its own module: the endpoint and its credentials exist before the cluster starts, so
 the cluster's processes inherit them as an embedded cluster's do (aios never forwards a credential)."""
 
@@ -19,23 +19,34 @@ pytestmark = pytest.mark.timeout(300)
 
 
 
-def test_two_workers_with_bundle_and_data_on_s3_survive_a_killed_worker_bit_for_bit(
+def test_two_workers_with_data_checkpoints_and_bundle_on_s3_survive_a_killed_worker_bit_for_bit(
         s3, ray_cluster, config, one_worker, tmp_path, monkeypatch):
-    """The Ray job with --bundle-dir and --dataset-file on a real S3 endpoint: rank 1 is SIGKILLed after step 5,
-    Ray restarts the group from the checkpoint of step 3, and what was pushed is bit for bit the reference."""
+    """The Ray job with --storage-path, --bundle-dir and --dataset-file on a real S3 endpoint: every rank
+    uploads its own checkpoint files from its own staging directory and rank 0 seals them; rank 1 is SIGKILLed
+    after step 5, Ray restarts the group from the checkpoint of step 3 (downloaded by each rank), and what was
+    pushed is bit for bit the reference."""
     from aios.bundle.remote import pull
     from aios.storage import open_storage
-    from tests.bundle.test_remote_bundles import BUCKET
+    from tests.bundle.test_remote_bundles import BUCKET, keys
 
     s3["client"].put_object(Bucket=BUCKET, Key="ddp/small.txt", Body=Path(config.dataset_file).read_bytes())
     monkeypatch.setenv("AIOS_TEST_FAULT", "sigkill:5")
     monkeypatch.setenv("AIOS_TEST_FAULT_RANK", "1")
     monkeypatch.setenv("AIOS_TEST_FAULT_ONCE", str(tmp_path / "fired"))
     result = two_workers(config, "on-s3", max_failures=1, bundle_dir=f"s3://{BUCKET}/ddp-runs",
-                         dataset_file=f"s3://{BUCKET}/ddp/small.txt", local_bundle_dir=str(tmp_path / "local"))
+                         storage_path=f"s3://{BUCKET}/ddp-store", dataset_file=f"s3://{BUCKET}/ddp/small.txt",
+                         local_bundle_dir=str(tmp_path / "local"))
     assert (tmp_path / "fired").exists() and (result.reason, result.step) == ("steps", 8)
-    assert BrainBundle(result.bundle).metadata()["run"]["ray_restarts"] == 1
+    metadata = BrainBundle(result.bundle).metadata()["run"]
+    assert metadata["ray_restarts"] == 1 and metadata["ray_storage"] == f"s3://{BUCKET}/ddp-store/on-s3/checkpoints"
     home = pull(open_storage(f"s3://{BUCKET}/ddp-runs"), "on-s3", tmp_path / "home")
     assert_same_weights(one_worker.bundle, home.root)
     assert steps_logged(home.root) == list(range(1, 9))
-    assert [p.name for p in list_checkpoints(home.root / "checkpoints")][-1] == "step-000008"
+    assert list_checkpoints(home.root / "checkpoints") == []  # the checkpoints live in the storage path
+    stored = keys(s3["client"], "ddp-store/on-s3/checkpoints/")
+    sealed = sorted({k.split("/")[3] for k in stored if k.endswith("/COMPLETE")})
+    assert sealed == ["step-000003", "step-000006", "step-000008"]  # --keep-checkpoints 3 (the default)
+    for rank in (0, 1):  # both ranks' files, every one covered by the seal
+        assert f"ddp-store/on-s3/checkpoints/step-000008/carry-rank{rank}.safetensors" in stored
+    assert not (tmp_path / "local" / ".remote" / BUCKET / "ddp-runs" / "on-s3" / "checkpoints").exists() or not any(
+        (tmp_path / "local" / ".remote" / BUCKET / "ddp-runs" / "on-s3" / "checkpoints").iterdir())

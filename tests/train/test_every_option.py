@@ -80,6 +80,8 @@ CHECKED_BY = {
     "run_name": "tests.train.test_resume::test_the_same_run_name_continues_the_run_and_another_is_refused",
     "bundle_dir": "tests.train.test_loop::test_a_run_writes_a_complete_bundle_and_metrics",
     "brain_name": "tests.train.test_loop::test_a_run_writes_a_complete_bundle_and_metrics",
+    "storage_path": "tests.train.test_remote_training::"
+                    "test_checkpoints_on_s3_an_upload_cut_short_publishes_nothing_and_the_rerun_resumes_bit_for_bit",
     "local_bundle_dir":
         "tests.train.test_remote_training::test_a_run_on_s3_resumes_elsewhere_bit_for_bit_and_pull_brings_the_brain_home",
     "s3_endpoint_url": "tests.train.test_remote_training::"

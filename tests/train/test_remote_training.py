@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 
 import pytest
 
@@ -99,6 +100,87 @@ def test_an_endpoint_that_stops_answering_stops_the_run_in_one_line_and_the_remo
         assert again.reason == "already_reached" and latest(s3, "cut", "outage")["metadata"]["steps"] == 6
     finally:
         server.stop()
+
+
+def test_checkpoints_on_s3_an_upload_cut_short_publishes_nothing_and_the_rerun_resumes_bit_for_bit(
+        s3, make_config, tmp_path, monkeypatch):
+    """--storage-path s3://...: the checkpoints live there (files first, COMPLETE last). The endpoint stops in the
+    middle of step 6's upload: the run stops in one line, step 6 has files but no COMPLETE, step 3 stays the
+    newest checkpoint, and the rerun downloads step 3 and trains to the reference's weights."""
+    from moto.server import ThreadedMotoServer
+
+    from aios.storage import Storage
+
+    reference = launch(make_config(brain_name="reference", checkpoint_every=3))
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)  # this test's own endpoint
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint)
+    client.create_bucket(Bucket="runs")
+    monkeypatch.setenv("AIOS_STORAGE_RETRY_S", "2")
+    monkeypatch.setenv("AIOS_SCRATCH_DIR", str(tmp_path / "scratch"))
+    upload, uploaded = Storage.upload_file, []
+
+    def upload_then_stop(self, local, relative):  # the real upload; the endpoint goes away after step 6's 2nd file
+        upload(self, local, relative)
+        uploaded.append(relative)
+        if sum("step-000006" in name for name in uploaded) == 2:
+            server.stop()
+
+    monkeypatch.setattr(Storage, "upload_file", upload_then_stop)
+    config = make_config(storage_path="s3://runs/store", brain_name="kept", checkpoint_every=3, steps=6,
+                         s3_endpoint_url=endpoint)
+    try:
+        with pytest.raises(AiosError) as stopped:
+            launch(config)
+        message = str(stopped.value)
+        assert "\n" not in message and message.startswith("cannot save checkpoint step-000006 to s3://runs/store/kept/"
+                                                           "checkpoints (")
+        assert "cannot reach the S3 endpoint" in message and "rerun with --resume" in message
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)  # back, same state
+        server.start()
+        held = sorted(o["Key"] for o in client.list_objects_v2(Bucket="runs", Prefix="store/")["Contents"])
+        step3 = [k for k in held if "/step-000003/" in k]
+        step6 = [k for k in held if "/step-000006/" in k]
+        assert "store/kept/checkpoints/step-000003/COMPLETE" in step3 and len(step3) == 7  # 3 shared + 3 rank + seal
+        assert len(step6) == 2 and not any(k.endswith("COMPLETE") for k in step6)  # cut short: not a checkpoint
+        assert not list(config_bundle_checkpoints(config))  # nothing of the checkpoints on the local disk
+
+        again = launch(config.replace(resume=True))  # step 3 downloaded, verified, resumed
+        assert (again.step, again.trained_steps) == (6, 3)
+        assert_same_weights(reference.bundle, again.bundle)
+        start = [json.loads(line) for line in (again.bundle / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(line)["event"] == "start"][-1]
+        assert start["resumed_from"] == "s3://runs/store/kept/checkpoints/step-000003"
+        assert client.head_object(Bucket="runs", Key="store/kept/checkpoints/step-000006/COMPLETE")
+        assert not list((tmp_path / "scratch").iterdir())  # the downloads and staging were removed
+        from aios.train.run_storage import RemoteCheckpoints
+
+        handed_to_ray = pickle.dumps(RemoteCheckpoints("s3://runs/store", "kept", endpoint).ray_storage())
+        assert SECRET.encode() not in handed_to_ray and b"aios-test-key" not in handed_to_ray
+    finally:
+        server.stop()
+
+
+def test_a_local_storage_path_holds_the_checkpoints_and_a_resume_continues_from_there(make_config, tmp_path):
+    reference = launch(make_config(brain_name="reference", checkpoint_every=3))
+    store = tmp_path / "mounted" / "runs"  # e.g. a directory every node mounts
+    config = make_config(storage_path=str(store), brain_name="stored", checkpoint_every=3, steps=3)
+    launch(config)
+    assert [p.name for p in (store / "stored" / "checkpoints").iterdir()] == ["step-000003"]
+    assert config_bundle_checkpoints(config) == []
+    again = launch(config.replace(steps=6, resume=True))
+    assert (again.step, again.trained_steps) == (6, 3)
+    assert_same_weights(reference.bundle, again.bundle)
+    assert sorted(p.name for p in (store / "stored" / "checkpoints").iterdir()) == ["step-000003", "step-000006"]
+
+
+def config_bundle_checkpoints(config):
+    root = os.path.join(config.bundle_dir, config.brain_name, "checkpoints")
+    return [name for name in os.listdir(root) if name.startswith("step-")] if os.path.isdir(root) else []
 
 
 @pytest.mark.parametrize("problem, args, env, expected", [
