@@ -21,6 +21,9 @@ from urllib.parse import urlparse
 from aios.errors import AiosError
 
 S3_SCHEME = "s3://"
+# Bytes per read of a transfer: on S3 each read of a download is one ranged GET, so pyarrow's default (1 MiB)
+# makes a 360 MB checkpoint 360 requests; 32 MiB downloaded 100 MB ten times faster from the test endpoint.
+TRANSFER_CHUNK = 32 << 20
 SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
 
 
@@ -148,14 +151,16 @@ class Storage:
 
         self._call(lambda: fs.copy_files(str(Path(local).resolve()), self.path(relative),
                                          source_filesystem=fs.LocalFileSystem(),
-                                         destination_filesystem=self.filesystem()), relative)
+                                         destination_filesystem=self.filesystem(), chunk_size=TRANSFER_CHUNK),
+                   relative)
 
     def download_file(self, relative: str, local: Path) -> None:
         from pyarrow import fs
 
         local.parent.mkdir(parents=True, exist_ok=True)
         self._call(lambda: fs.copy_files(self.path(relative), str(local.resolve()), source_filesystem=self.filesystem(),
-                                         destination_filesystem=fs.LocalFileSystem()), relative)
+                                         destination_filesystem=fs.LocalFileSystem(), chunk_size=TRANSFER_CHUNK),
+                   relative)
 
     def list_dirs(self, relative: str = "") -> list[str]:
         """The names directly under `relative` that hold something (S3: common prefixes)."""

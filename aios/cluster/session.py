@@ -209,11 +209,12 @@ class RaySession:
         if self.rank != 0:
             ray.train.report(metrics)
             return None
-        storage = self.remote.remote.storage
-
         def seal(_checkpoint: ray.train.Checkpoint, name: str) -> ray.train.Checkpoint:
             self.remote.seal(step, files, self.keep)
-            return ray.train.Checkpoint(storage.path(name), filesystem=storage.filesystem())
+            # Named with Ray's own storage objects, so that Ray sees it inside its run directory (the same
+            # folder: RunConfig's storage is <storage-path>/<brain>, its name "checkpoints").
+            storage = ray.train.get_context().get_storage()
+            return ray.train.Checkpoint(f"{storage.experiment_fs_path}/{name}", filesystem=storage.storage_filesystem)
 
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir.absolute())),
                          checkpoint_dir_name=step_dir_name(step), checkpoint_upload_fn=seal,

@@ -88,8 +88,10 @@ class RemoteCheckpoints:
         return sorted(names, key=lambda n: int(STEP_DIR.match(n).group(1)))
 
     def has_any(self) -> bool:
-        """Whether any checkpoint was ever published or set aside here (trained work)."""
-        return any(n.startswith("step-") for n in self.storage.list_dirs())
+        """Whether any checkpoint was ever published (sealed) or set aside here: trained work. A step-N without
+        COMPLETE is an upload cut short, like a local staging directory: not a checkpoint."""
+        return any(n.startswith("step-") and (not STEP_DIR.match(n) or self.storage.exists(f"{n}/{COMPLETE}"))
+                   for n in self._retrying(self.storage.list_dirs, "", "list"))
 
     def problem(self, name: str) -> str | None:
         """None if step `name` is sealed and every file COMPLETE lists is there at its size, else the reason
@@ -109,8 +111,8 @@ class RemoteCheckpoints:
 
     def newest_sealed(self, *, set_aside_broken: bool) -> str | None:
         """The newest step that passes `problem`; sealed ones that fail it are moved aside when asked."""
-        for name in reversed(self.step_dirs()):
-            problem = self.problem(name)
+        for name in reversed(self._retrying(self.step_dirs, "", "list")):
+            problem = self._retrying(lambda name=name: self.problem(name), name, "read")
             if problem is None:
                 return name
             if set_aside_broken and not problem.startswith("no COMPLETE"):
@@ -129,7 +131,7 @@ class RemoteCheckpoints:
         """Every file step `name`'s COMPLETE lists, then COMPLETE, into the empty directory `local`."""
         shutil.rmtree(local, ignore_errors=True)
         local.mkdir(parents=True)
-        marker = self.storage.read_bytes(f"{name}/{COMPLETE}")
+        marker = self._retrying(lambda: self.storage.read_bytes(f"{name}/{COMPLETE}"), name, "download")
         try:
             files = list(json.loads(marker)["files"])
         except (ValueError, KeyError, TypeError) as exc:
@@ -137,10 +139,8 @@ class RemoteCheckpoints:
         for file in files:
             if "/" in file or file.startswith("."):
                 raise CheckpointUnusable(f"COMPLETE lists {file!r}, not a checkpoint file")
-            with_retries(lambda file=file: self.storage.download_file(f"{name}/{file}", local / file),
-                         f"download of {self.describe(name)}/{file}",
-                         lambda problem: f"cannot download checkpoint {self.describe(name)} ({problem}): rerun with "
-                                         f"--resume once the storage answers")
+            self._retrying(lambda file=file: self.storage.download_file(f"{name}/{file}", local / file), name,
+                           "download")
         (local / COMPLETE).write_bytes(marker)
         return local
 
@@ -188,11 +188,16 @@ class RemoteCheckpoints:
         if self.storage.exists(snapshot):
             self.storage.delete_file(snapshot)
 
-    def _retrying(self, operation: Callable[[], object], name: str):
-        return with_retries(
-            operation, f"upload of checkpoint {self.describe(name)}",
-            lambda problem: f"cannot save checkpoint {name} to {self.describe()} ({problem}); the newest sealed "
-                            f"checkpoint there is kept: rerun with --resume once the storage answers")
+    def _retrying(self, operation: Callable[[], object], name: str, what: str = "upload"):
+        """`operation()` retried (aios.train.remote.with_retries), then one line naming what failed."""
+        def failure(problem: str) -> str:
+            if what == "upload":
+                return (f"cannot save checkpoint {name} to {self.describe()} ({problem}); the newest sealed "
+                        f"checkpoint there is kept: rerun with --resume once the storage answers")
+            return f"cannot {what} the checkpoints in {self.describe()} ({problem}): rerun with --resume once the " \
+                   f"storage answers"
+
+        return with_retries(operation, f"{what} of {self.describe(name)}", failure)
 
 
 def own_files(rank: int) -> list[str]:
@@ -226,8 +231,7 @@ class RemoteCheckpointing:
         rank's sampler file in `staged` (the bundle's chunk tracker reads them). Raises the same AiosError on
         every rank when some rank's upload failed."""
         name = step_dir_name(step)
-        keep = self.gather(self.remote._retrying(lambda: self.remote.problem(name), name) is None
-                           if self.rank == 0 else None)[0]
+        keep = self.gather(self._sealed_intact(name) if self.rank == 0 else None)[0]
         records, error = {}, None
         if not keep:
             try:
@@ -252,11 +256,24 @@ class RemoteCheckpointing:
             raise RuntimeError(f"checkpoint {name}: {missing[0]} was not uploaded")
         return files
 
+    def _sealed_intact(self, name: str) -> bool:
+        """Rank 0, before a step is uploaded: whether it is sealed there already (then it is kept). A sealed one
+        that fails its check is moved aside first, so that no old COMPLETE ever covers the new files."""
+        problem = self.remote._retrying(lambda: self.remote.problem(name), name, "read")
+        if problem is not None and not problem.startswith("no COMPLETE"):
+            self.remote._retrying(lambda: self.remote.set_aside(name, "invalid"), name, "move aside")
+        return problem is None
+
     def seal(self, step: int, files: dict[str, dict] | None, keep: int) -> None:
-        """Rank 0: COMPLETE for the uploaded files (None: the step was kept), then pruning."""
+        """Rank 0: COMPLETE for the uploaded files (None: the step was kept), then pruning. The checkpoint is
+        published once COMPLETE is written: a pruning that fails after it is a warning, not a stop."""
         if files is not None:
             self.remote.seal(step_dir_name(step), files)
-        self.remote.prune(keep)
+        try:
+            self.remote.prune(keep)
+        except AiosError as exc:
+            log.warning("checkpoint %s is saved, but pruning the older ones failed (%s); they are pruned at the "
+                        "next checkpoint", self.remote.describe(step_dir_name(step)), exc)
 
     def restore(self, load: Callable[[Path], None], *, require: bool) -> Path | None:
         """Download the newest sealed checkpoint onto every rank's node, verify it there and `load` it; rank 0
@@ -282,6 +299,7 @@ class RemoteCheckpointing:
                 log.warning("rank %d cannot use checkpoint %s: %s", self.rank, self.remote.describe(name), problem)
             if not any(self.gather(problem)):
                 log.info("resumed from %s", self.remote.describe(name))
+                shutil.rmtree(local, ignore_errors=True)  # loaded: only its name is kept (describe_checkpoint)
                 return local
             if self.rank == 0:
                 self.remote.set_aside(name, "invalid")

@@ -29,7 +29,8 @@ def tokenizer(bench, tmp_path_factory):
     return bench.train_tokenizer(tmp_path_factory.mktemp("bench-tokenizer"))
 
 
-@pytest.mark.parametrize("variant", ["fp32:trainer", "fp32:bare", "bf16:bare"])
+# bf16 lanes take the same code path with autocast on (and a minute of CI on a CPU without bf16 matmuls).
+@pytest.mark.parametrize("variant", ["fp32:trainer", "fp32:bare"])
 def test_a_variant_builds_and_steps_alone(bench, tokenizer, tmp_path, variant):
     args = argparse.Namespace(variant=variant, shape="d256", work_dir=str(tmp_path), tokenizer=str(tokenizer),
                               reference=None)

@@ -4,6 +4,7 @@ the cluster's processes inherit them as an embedded cluster's do (aios never for
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,8 @@ def test_two_workers_with_data_checkpoints_and_bundle_on_s3_survive_a_killed_wor
     home = pull(open_storage(f"s3://{BUCKET}/ddp-runs"), "on-s3", tmp_path / "home")
     assert_same_weights(one_worker.bundle, home.root)
     assert steps_logged(home.root) == list(range(1, 9))
+    starts = [r for r in map(json.loads, (home.root / "metrics.jsonl").read_text().splitlines()) if r["event"] == "start"]
+    assert [r["resumed_from"] for r in starts] == ["", f"s3://{BUCKET}/ddp-store/on-s3/checkpoints/step-000003"]
     assert list_checkpoints(home.root / "checkpoints") == []  # the checkpoints live in the storage path
     stored = keys(s3["client"], "ddp-store/on-s3/checkpoints/")
     sealed = sorted({k.split("/")[3] for k in stored if k.endswith("/COMPLETE")})

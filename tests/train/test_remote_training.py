@@ -148,6 +148,10 @@ def test_checkpoints_on_s3_an_upload_cut_short_publishes_nothing_and_the_rerun_r
         assert "store/kept/checkpoints/step-000003/COMPLETE" in step3 and len(step3) == 7  # 3 shared + 3 rank + seal
         assert len(step6) == 2 and not any(k.endswith("COMPLETE") for k in step6)  # cut short: not a checkpoint
         assert not list(config_bundle_checkpoints(config))  # nothing of the checkpoints on the local disk
+        from aios.train.run_storage import RemoteCheckpoints
+
+        client.put_object(Bucket="runs", Key="store/cut-first/checkpoints/step-000003/model.safetensors", Body=b"x")
+        assert not RemoteCheckpoints("s3://runs/store", "cut-first", endpoint).has_any()  # a cut first upload: no work
 
         again = launch(config.replace(resume=True))  # step 3 downloaded, verified, resumed
         assert (again.step, again.trained_steps) == (6, 3)
@@ -157,7 +161,6 @@ def test_checkpoints_on_s3_an_upload_cut_short_publishes_nothing_and_the_rerun_r
         assert start["resumed_from"] == "s3://runs/store/kept/checkpoints/step-000003"
         assert client.head_object(Bucket="runs", Key="store/kept/checkpoints/step-000006/COMPLETE")
         assert not list((tmp_path / "scratch").iterdir())  # the downloads and staging were removed
-        from aios.train.run_storage import RemoteCheckpoints
 
         handed_to_ray = pickle.dumps(RemoteCheckpoints("s3://runs/store", "kept", endpoint).ray_storage())
         assert SECRET.encode() not in handed_to_ray and b"aios-test-key" not in handed_to_ray
