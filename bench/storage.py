@@ -18,8 +18,14 @@ first); publish MB/s. Medians over the saves.
 
 Without --endpoint the S3 endpoint is moto's ThreadedMotoServer on 127.0.0.1 (in memory, the test suite's
 endpoint): that measures aios's client path and HTTP on this machine, not a network; pass --endpoint for a
-real service (credentials from the standard AWS variables). Data-loader stall with a cold and a warm chunk
-cache is not measured yet: the node-local chunk cache it needs is not built (issue 8).
+real service (credentials from the standard AWS variables).
+
+Then the data loader: the demo preset's prepared data is published to the endpoint and read the way a Ray
+worker reads it with an s3:// --storage-path (aios.data.remote.CachedDataset: a node-local chunk cache, the
+sampler's prefetch hints), drawing every row of the demo's batch each step, with --compute-ms of sleep per
+step standing in for the training step (the prefetch threads download meanwhile). cold: an empty cache;
+warm: the same cache again (another run, or another worker of the node). Columns: the time draws waited for a
+chunk (stall) in the first step and over all --loader-steps, chunks downloaded, cache hits.
 Results go to bench/results/storage.json (git-ignored).
 """
 
@@ -95,12 +101,47 @@ def _restore_local(root: Path) -> Path:
     return newest
 
 
+def _loader(endpoint: str, bucket: str, steps: int, compute_ms: float, tmp: Path) -> list[dict]:
+    """Per-step stall of the demo's data read from S3 through a cold, then a warm, chunk cache."""
+    from aios.config import TrainingConfig
+    from aios.data import ChunkSampler
+    from aios.data.remote import CachedDataset, publish_prepared
+    from aios.tokenizers import load_tokenizer
+    from aios.train.loop import prepare_training_data
+
+    config = TrainingConfig.load_yaml(REPO / SHAPES["demo"]).replace(data_cache_dir=str(tmp / "prepared"))
+    os.chdir(REPO)  # the preset's paths are relative to the repository
+    train, _ = prepare_training_data(config, load_tokenizer(config.model))
+    train.unigram_entropy()
+    location = publish_prepared(train, f"s3://{bucket}/loader-{int(time.time())}", endpoint)
+    rows = []
+    for cache in ("cold", "warm"):
+        dataset = CachedDataset(location, endpoint, cache_dir=tmp / "node-cache")
+        sampler = ChunkSampler(dataset, seed=config.seed, micro_batch=config.batch_size,
+                               grad_accum=config.gradient_accumulation_steps, rank=0, world_size=1, iterate=True)
+        stalls = []
+        for _ in range(steps):
+            before = dataset.cache_counters()[3]
+            for micro in range(config.gradient_accumulation_steps):
+                sampler.draw(sampler.slots_for(micro))
+            stalls.append(dataset.cache_counters()[3] - before)
+            time.sleep(compute_ms / 1000)
+        hits, downloads, size, _ = dataset.cache_counters()
+        dataset.close()
+        rows.append({"cache": cache, "chunks": dataset.num_chunks, "first_step_stall_s": stalls[0],
+                     "stall_s": sum(stalls), "steps": steps, "downloads": int(downloads), "hits": int(hits),
+                     "bytes": int(size)})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--saves", type=int, default=3, help="saves per shape and target (default 3)")
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
     parser.add_argument("--endpoint", help="an S3-compatible endpoint (default: a moto server on 127.0.0.1)")
     parser.add_argument("--bucket", default="aios-bench", help="the bucket to use (made on the moto server)")
+    parser.add_argument("--loader-steps", type=int, default=200, help="steps of the loader part (default 200)")
+    parser.add_argument("--compute-ms", type=float, default=50.0, help="a step's compute in the loader part")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
     shapes = args.shapes.split(",")
@@ -168,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
                                  "restore_s": restored - done})
                 session.close()
                 del model, optimizer, carries
+            loader = _loader(args.endpoint, args.bucket, args.loader_steps, args.compute_ms, Path(tmp))
     finally:
         if server is not None:
             server.stop()
@@ -192,9 +234,17 @@ def main(argv: list[str] | None = None) -> None:
         local, s3 = summary[f"{shape} local"], summary[f"{shape} s3"]
         console.print(f"{shape}: a save to S3 takes {s3['save_s'] / local['save_s']:.1f}x a local save, a restore "
                       f"{s3['restore_s'] / local['restore_s']:.1f}x")
+    loader_table = Table(title=f"data loader from S3 through the chunk cache: demo data, {args.loader_steps} steps "
+                              f"of {args.compute_ms:g} ms compute")
+    for column in ("cache", "chunks", "first step stall ms", "total stall ms", "downloaded", "hits"):
+        loader_table.add_column(column, justify="right")
+    for row in loader:
+        loader_table.add_row(row["cache"], str(row["chunks"]), f"{1000 * row['first_step_stall_s']:.1f}",
+                             f"{1000 * row['stall_s']:.1f}", str(row["downloads"]), str(row["hits"]))
+    console.print(loader_table)
     atomic_write_json(args.output, {"timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                     "saves": args.saves, "endpoint": where, "cpu_count": os.cpu_count(),
-                                    "runs": rows, "summary": summary})
+                                    "runs": rows, "summary": summary, "loader": loader})
     print(f"wrote {args.output}")
 
 

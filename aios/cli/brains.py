@@ -58,14 +58,27 @@ def list_command(bundle_dir: RemoteBundleDir = DEFAULT_BUNDLE_DIR, s3_endpoint_u
 @app.command("show")
 def show_command(
     name: BrainName,
-    bundle_dir: BundleDir = DEFAULT_BUNDLE_DIR,
+    bundle_dir: RemoteBundleDir = DEFAULT_BUNDLE_DIR,
     as_json: Annotated[bool, typer.Option("--json", help="Print everything as one JSON object instead.")] = False,
+    s3_endpoint_url: EndpointUrl = None,
+    local_bundle_dir: Annotated[str, typer.Option(
+        "--local-bundle-dir", help="With an s3:// --bundle-dir: the local bundle directory whose .remote/ holds "
+        "the copy shown (the one generate --brain s3://... opens).")] = DEFAULT_BUNDLE_DIR,
 ) -> None:
-    """Summary of one bundle: metadata, model config, data progress and checkpoints."""
+    """Summary of one bundle: metadata, model config, data progress and checkpoints (of an s3:// bundle dir:
+    its newest version, through the local copy generate opens)."""
     from aios.bundle import BrainBundle
+    from aios.storage import is_remote
     from aios.train.checkpoint import list_checkpoints, verify_checkpoint
 
-    bundle = BrainBundle.open(name, bundle_dir)
+    if is_remote(bundle_dir):
+        from aios.bundle.remote import cached_brain
+
+        bundle = cached_brain(f"{bundle_dir.rstrip('/')}/{name}", local_bundle_dir, s3_endpoint_url)
+    else:
+        if local_bundle_dir != DEFAULT_BUNDLE_DIR:
+            raise AiosError("--local-bundle-dir has no effect with a local --bundle-dir; drop it")
+        bundle = BrainBundle.open(name, bundle_dir)
     checkpoints = [{"name": p.name, "status": verify_checkpoint(p) or "complete"}
                    for p in list_checkpoints(bundle.checkpoints_dir)]
     info = {"path": str(bundle.root), "metadata": bundle.metadata(),

@@ -32,6 +32,7 @@ from aios.cluster import faults
 from aios.cluster.session import JobChannel, RaySession
 from aios.config import TrainingConfig
 from aios.errors import AiosError, Terminated
+from aios.storage import is_remote
 from aios.train.loop import Trainer, TrainResult
 from aios.train.remote import RETRY_ENV, training_bundle
 from aios.train.run_storage import RemoteCheckpoints, checkpoints_location
@@ -55,7 +56,7 @@ def run_on_ray(config: TrainingConfig, bundle: BrainBundle, *, require_checkpoin
     address, flag = _address(config)
     if address and not ray.is_initialized():
         _check_reachable(address, flag)  # first: it costs nothing, preparing the data may take a while
-    _prepare_data(config)
+    data = _prepare_data(config)
     checkpoints = checkpoints_location(config, bundle.checkpoints_dir)
     _forget_ray_snapshot(checkpoints)
     was_connected = ray.is_initialized()
@@ -67,7 +68,7 @@ def run_on_ray(config: TrainingConfig, bundle: BrainBundle, *, require_checkpoin
             _connect(config)
             channel.append(JobChannel.remote())
             trainer = _torch_trainer(config, checkpoints, channel[0], require_checkpoint=require_checkpoint,
-                                     staging_root=staging_root)
+                                     staging_root=staging_root, data=data)
         with _stop_on_signals(channel):  # again: ray.init installs handlers of its own (SIGTERM: exit at once)
             error = _fit_off_the_main_thread(trainer)
         refusal = ray.get(channel[0].get_error.remote())
@@ -90,13 +91,21 @@ def run_on_ray(config: TrainingConfig, bundle: BrainBundle, *, require_checkpoin
 
 
 def _torch_trainer(config: TrainingConfig, checkpoints: Path | RemoteCheckpoints, channel, *,
-                   require_checkpoint: bool, staging_root: Path | None) -> TorchTrainer:
+                   require_checkpoint: bool, staging_root: Path | None, data: dict | None = None) -> TorchTrainer:
     workers = config.max_workers
     node_id, node_cpus = _driver_node()
     cpus = config.cpus_per_worker or max(1, node_cpus // workers)
-    if config.elastic:
+    if anywhere_problem(config) is None:
+        # Checkpoints, prepared data and bundle in remote storage: the workers need no disk of this node
+        scaling = dict(num_workers=(config.min_workers, workers) if config.elastic else workers,
+                       resources_per_worker={"CPU": cpus})
+        if config.elastic:
+            scaling["elastic_resize_monitor_interval_s"] = float(
+                os.environ.get("AIOS_ELASTIC_RESIZE_INTERVAL_S", ELASTIC_RESIZE_INTERVAL_S))
+        _check_elastic_cluster(config, cpus, anywhere=True)
+    elif config.elastic:
         # Ray places the workers on any node with room (it resizes the job as nodes come and go), so every node
-        # must see the bundle and the prepared data: nodes of this machine only, until remote storage lands.
+        # must see the bundle and the prepared data: nodes of this machine only (see anywhere_problem).
         scaling = dict(num_workers=(config.min_workers, workers), resources_per_worker={"CPU": cpus},
                        elastic_resize_monitor_interval_s=float(
                            os.environ.get("AIOS_ELASTIC_RESIZE_INTERVAL_S", ELASTIC_RESIZE_INTERVAL_S)))
@@ -105,7 +114,7 @@ def _torch_trainer(config: TrainingConfig, checkpoints: Path | RemoteCheckpoints
         if cpus * workers > node_cpus:  # Ray would wait for them forever
             raise AiosError(f"{workers} workers x {cpus} CPUs need {cpus * workers} CPUs on this node, which has "
                             f"{node_cpus}: lower --cpus-per-worker or --world-size")
-        # On the driver's node: the bundle and the prepared data are on its disk (remote storage is issue 8).
+        # On the driver's node: the bundle, checkpoints or prepared data are on its disk (see anywhere_problem).
         scaling = dict(num_workers=workers, resources_per_worker={"CPU": cpus}, label_selector={NODE_ID_LABEL: node_id})
     return TorchTrainer(
         _train_worker,
@@ -113,6 +122,7 @@ def _torch_trainer(config: TrainingConfig, checkpoints: Path | RemoteCheckpoints
             "config": config.to_dict(), "cwd": os.getcwd(), "threads": cpus, "channel": channel,
             "require_checkpoint": require_checkpoint, "log_level": logging.getLogger().getEffectiveLevel(),
             "staging_root": str(staging_root.resolve()) if staging_root is not None else None,
+            "data": data,
         },
         scaling_config=ScalingConfig(**scaling, use_gpu=_use_gpu(config)),
         run_config=RunConfig(
@@ -139,26 +149,43 @@ def _forwarded_storage_env() -> dict[str, str]:
     return {name: os.environ[name] for name in ("AWS_ENDPOINT_URL", RETRY_ENV) if name in os.environ}
 
 
-def _check_elastic_cluster(config: TrainingConfig, cpus: int) -> None:
+def anywhere_problem(config: TrainingConfig) -> str | None:
+    """Why this run's workers must stay where the driver's disk is (None: they may run on any node). They need
+    no disk of the driver's once the checkpoints and prepared data are in remote run storage (an s3://
+    --storage-path), the bundle is remote too (rank 0 writes it, wherever it runs), and no other local path
+    is given (--log-file, --stop-file: read and written by the workers)."""
+    if not (config.storage_path and is_remote(config.storage_path)):
+        return "the checkpoints and prepared data are on this machine's disk (pass an s3:// --storage-path)"
+    if not is_remote(config.bundle_dir):
+        return "the bundle is on this machine's disk (pass an s3:// --bundle-dir)"
+    for flag, value in (("--log-file", config.log_file), ("--stop-file", config.stop_file)):
+        if value:
+            return f"{flag} {value} is a path on this machine's disk"
+    return None
+
+
+def _check_elastic_cluster(config: TrainingConfig, cpus: int, *, anywhere: bool = False) -> None:
     node_id = ray.get_runtime_context().get_node_id()
     nodes = ray.nodes()
     here = next(node["NodeManagerAddress"] for node in nodes if node.get("NodeID") == node_id)
-    problem = elastic_cluster_problem(config, cpus, nodes, here, gpus=_use_gpu(config))
+    problem = elastic_cluster_problem(config, cpus, nodes, here, gpus=_use_gpu(config), anywhere=anywhere)
     if problem:
         raise AiosError(problem)
 
 
 def elastic_cluster_problem(config: TrainingConfig, cpus: int, nodes: list[dict], here: str, *,
-                            gpus: bool = False) -> str | None:
-    """Why an elastic job cannot run on this cluster (`nodes` as ray.nodes() lists them; `here`: the driver's
-    machine), or None. It may run on every node, so a node on another machine (whose disk does not hold the
-    bundle) is refused, and so is a cluster that cannot start even MIN workers (Ray would wait forever)."""
+                            gpus: bool = False, anywhere: bool = False) -> str | None:
+    """Why an elastic job (or, with `anywhere`, any job whose workers may run on every node) cannot run on this
+    cluster (`nodes` as ray.nodes() lists them; `here`: the driver's machine), or None. Unless `anywhere`, a
+    node on another machine (whose disk does not hold the bundle) is refused; so is a cluster that cannot start
+    even MIN workers (Ray would wait forever)."""
     alive = [node for node in nodes if node.get("Alive")]
     elsewhere = sorted({node.get("NodeManagerAddress") for node in alive} - {here})
-    if elsewhere:
+    if elsewhere and not anywhere:
         return (f"--world-size {config.world_size}: an elastic job runs on every node, and this cluster has nodes "
-                f"on other machines ({', '.join(elsewhere[:3])}) that do not see this machine's bundle and data: use "
-                f"a fixed --world-size N (its workers stay on this node) until remote storage lands")
+                f"on other machines ({', '.join(elsewhere[:3])}) that do not see this machine's disk ("
+                f"{anywhere_problem(config)}): use a fixed --world-size N (its workers stay on this node), or keep "
+                f"checkpoints, data and bundle in remote storage")
     def fits(resources: dict) -> int:  # workers of `cpus` CPUs (and one GPU each when they use GPUs) on a node
         workers = int(resources.get("CPU", 0)) // cpus
         return min(workers, int(resources.get("GPU", 0))) if gpus else workers
@@ -191,14 +218,24 @@ def _driver_node() -> tuple[str, int]:
                     "run aios on a node of the cluster, e.g. the head, until remote storage lands")
 
 
-def _prepare_data(config: TrainingConfig) -> None:
+def _prepare_data(config: TrainingConfig) -> dict | None:
     """Tokenize the data once, here, before any cluster starts: bad data is refused in one line at once, and
-    the workers open the prepared chunks from the cache (its unigram entropy computed and stored in it)."""
+    the workers open the prepared chunks from the cache (its unigram entropy computed and stored in it).
+    With an s3:// --storage-path the prepared data is published there once (aios.data.remote) and the workers
+    read it through their node's chunk cache: returns its locations {"train": ..., "eval": ...}."""
     from aios.tokenizers import load_tokenizer
     from aios.train.loop import prepare_training_data
 
-    train, _ = prepare_training_data(config, load_tokenizer(config.model), progress=config.progress)
+    train, evaluation = prepare_training_data(config, load_tokenizer(config.model), progress=config.progress)
     train.unigram_entropy()
+    if not (config.storage_path and is_remote(config.storage_path)):
+        return None
+    from aios.data.remote import publish_prepared
+
+    located = {"train": publish_prepared(train, config.storage_path, config.s3_endpoint_url)}
+    located["eval"] = (located["train"] if evaluation is train
+                       else publish_prepared(evaluation, config.storage_path, config.s3_endpoint_url))
+    return located
 
 
 def _fit_off_the_main_thread(trainer: TorchTrainer) -> BaseException | None:
@@ -377,8 +414,15 @@ def _train_worker(loop_config: dict) -> None:
                          keep_checkpoints=config.keep_checkpoints, stop_file=config.stop_file, channel=channel,
                          require_checkpoint=loop_config["require_checkpoint"],
                          staging_root=loop_config["staging_root"], remote=remote)
+    datasets = None
     try:
-        result = Trainer(config, session, faults.callbacks_from_env()).run()
+        if loop_config.get("data"):  # in run storage: read through this node's chunk cache
+            from aios.data.remote import open_cached
+
+            train = open_cached(loop_config["data"]["train"], config.s3_endpoint_url)
+            same = loop_config["data"]["eval"] == loop_config["data"]["train"]
+            datasets = (train, train if same else open_cached(loop_config["data"]["eval"], config.s3_endpoint_url))
+        result = Trainer(config, session, faults.callbacks_from_env(), datasets=datasets).run()
     except AiosError as exc:  # a refusal: the same on every retry, so the driver raises it instead
         ray.get(channel.set_error.remote(str(exc)))
         if session.world_size == 1:
@@ -388,6 +432,8 @@ def _train_worker(loop_config: dict) -> None:
         raise RuntimeError(f"rank {session.rank} refused to continue: {exc}") from None
     finally:
         session.close()
+        for dataset in set(datasets or ()):
+            dataset.close()
     if session.rank == 0:
         ray.get(channel.set_result.remote({
             "step": result.step, "reason": result.reason, "final_eval": result.final_eval,

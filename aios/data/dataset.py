@@ -29,12 +29,14 @@ def chunk_file_name(index: int) -> str:
 class PreparedDataset:
     """Read access to a prepared dataset directory."""
 
-    def __init__(self, path: str | Path):
+    prefetches = False  # a dataset whose chunks come over the network says so (aios.data.remote.CachedDataset)
+
+    def __init__(self, path: str | Path, *, check_files: bool = True):
         path = Path(path)
         if path.name == MANIFEST_NAME:
             path = path.parent
         self.path = path
-        self.manifest = _read_manifest(path)
+        self.manifest = _read_manifest(path, check_files=check_files)
         m = self.manifest
         self.window: int = m["window"]
         self.seq_len: int = m["seq_len"]
@@ -114,6 +116,9 @@ class PreparedDataset:
                 return
             yield self.get(np.arange(first, min(first + batch_size, stop)))
 
+    def prefetch(self, chunks) -> None:
+        """A hint: these chunks are read soon (the chunks on disk need nothing)."""
+
     def _chunk(self, index: int) -> np.ndarray:
         rows = self._open.get(index)
         if rows is not None:
@@ -138,7 +143,7 @@ class PreparedDataset:
         return rows
 
 
-def _read_manifest(directory: Path) -> dict:
+def _read_manifest(directory: Path, *, check_files: bool = True) -> dict:
     """The manifest, checked for the fields and files readers rely on; AiosError when unusable."""
     file = directory / MANIFEST_NAME
     fix = f"delete '{directory}' and prepare the dataset again (aios data prepare)"
@@ -173,7 +178,7 @@ def _read_manifest(directory: Path) -> dict:
         ) from None
     if not ok:
         raise AiosError(f"the manifest of '{directory}' is inconsistent: {fix}")
-    missing = [c["file"] for c in chunks if not (directory / c["file"]).is_file()]
+    missing = [c["file"] for c in chunks if check_files and not (directory / c["file"]).is_file()]
     if missing:
         raise AiosError(
             f"prepared dataset '{directory}' lacks {len(missing)} chunk files ({missing[0]}, ...): {fix}"

@@ -157,7 +157,24 @@ class ChunkSampler:
             where = epochs == epoch
             ids[where] = self._order(int(epoch)).global_ids(positions[where])
         self.draws[local] += 1
+        if self.dataset.prefetches:  # chunks that come over the network: ask for each slot's next one now
+            self.dataset.prefetch(self._next_chunks(slots, local))
         return self.dataset.get(ids), False
+
+    def _next_chunks(self, slots: np.ndarray, local: np.ndarray) -> list[int]:
+        """The chunk each of these slots reads after the one it is in (within its stretch of its epoch)."""
+        upcoming = set()
+        for slot, i in zip(slots.tolist(), local.tolist(), strict=True):
+            if self.draws[i] >= self.sizes[slot]:
+                continue  # the epoch ends for this slot: the next one starts elsewhere, read on demand
+            order = self._order(int(self.epochs[i]))
+            position = self.starts[slot] + self.draws[i]  # the slot's next sample
+            k = int(np.searchsorted(order.ends, position, side="right"))
+            nxt = int(np.searchsorted(order.ends, order.ends[k], side="right"))  # skips empty chunks
+            upcoming.add(int(order.chunk_order[k]))
+            if order.ends[k] < self.starts[slot + 1] and nxt < len(order.chunk_order):
+                upcoming.add(int(order.chunk_order[nxt]))
+        return sorted(upcoming)
 
     def state_dict(self) -> dict:
         """This rank's sampler state: plain JSON-able values."""

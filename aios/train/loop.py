@@ -164,7 +164,10 @@ def prepare_training_data(cfg: TrainingConfig, tokenizer, *, progress: bool = Fa
 
 
 class Trainer:
-    def __init__(self, config: TrainingConfig, session: Session, callbacks: TrainCallbacks | None = None):
+    def __init__(self, config: TrainingConfig, session: Session, callbacks: TrainCallbacks | None = None,
+                 datasets: tuple[PreparedDataset, PreparedDataset] | None = None):
+        """`datasets`: the (train, eval) data opened by the caller (a Ray worker reading them from run
+        storage); by default they are prepared, or found prepared, in --data-cache-dir."""
         self.config = config
         self.session = session
         self.callbacks = callbacks or TrainCallbacks()
@@ -180,7 +183,10 @@ class Trainer:
         torch.manual_seed(config.seed + self.rank)
 
         self.tokenizer = load_tokenizer(config.model)
-        self.dataset, self.eval_dataset = self._prepare_data()
+        self.dataset, self.eval_dataset = datasets or self._prepare_data()
+        # Chunks read over the network: their cache counters go into every step's metrics
+        self.cached = hasattr(self.dataset, "cache_counters")
+        self._cache_seen = [0.0] * 4
 
         vocab_size = len(self.tokenizer)
         if self.dataset.vocab_size > vocab_size:
@@ -444,6 +450,10 @@ class Trainer:
             sums = {k: torch.zeros_like(v) for k, v in sums.items()}
         header = [float(out_of_memory), float(drawn)] + [0.0] * self.world  # + each rank's lowest epoch
         header[2 + self.rank] = float(self.sampler.epochs.min())
+        if self.cached:  # + this step's chunk cache hits, downloads, bytes, stall seconds (every rank the same)
+            counters = self.dataset.cache_counters()
+            header += [now - seen for now, seen in zip(counters, self._cache_seen, strict=True)]
+            self._cache_seen = counters
         local = torch.cat([torch.tensor(header, dtype=torch.float64, device=self.device),
                            torch.stack([sums[k] for k in keys])])
         reduced = self.session.all_reduce(local) if self.world > 1 else local  # the step's one metrics collective
@@ -454,7 +464,13 @@ class Trainer:
             return _OOM
         drawn = int(flat[1])
         self.epoch = int(min(flat[2:2 + self.world]))  # the lowest epoch of any slot of any rank
-        values = dict(zip([*keys, "grad_norm"], flat[2 + self.world:], strict=True))
+        rest = flat[2 + self.world:]
+        cache = None
+        if self.cached:
+            hits, downloads, size, stall = rest[:4]
+            cache = {"hits": int(hits), "downloads": int(downloads), "bytes": int(size), "stall_s": round(stall, 4)}
+            rest = rest[4:]
+        values = dict(zip([*keys, "grad_norm"], rest, strict=True))
         loss_finite = math.isfinite(values["loss"])
         finite = loss_finite and math.isfinite(values["grad_norm"])
         lr = self.schedule(self.step)
@@ -468,7 +484,10 @@ class Trainer:
             raise AiosError(f"out of memory in the optimizer step on rank {self.rank} of {self.world} (step "
                             f"{self.step + 1}): the other workers have updated, so it cannot be retried; lower "
                             f"--batch-size or --max-seq-len, or use --use-8bit-optimizer, and resume") from None
-        return self._step_record(values, lr, drawn, skipped=not finite, elapsed=time.perf_counter() - started)
+        record = self._step_record(values, lr, drawn, skipped=not finite, elapsed=time.perf_counter() - started)
+        if cache is not None:
+            record["data_cache"] = cache  # summed over the ranks
+        return record
 
     def _draw_rows(self) -> tuple[list[np.ndarray] | None, int]:
         """Every micro-step's input rows: a new sample for each halted row (zeros elsewhere: the row keeps its

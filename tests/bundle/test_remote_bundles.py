@@ -83,6 +83,9 @@ def test_push_then_pull_brings_the_same_brain_home_and_it_generates(s3, brain, t
     generated = aios("hrm-hf", "generate", "--brain", "pushed", "--bundle-dir", home, "--prompt", "ROMEO:",
                      "--max-new-tokens", 4)
     assert generated.stdout.strip()
+    shown = aios("brains", "show", "pushed", "--bundle-dir", f"s3://{BUCKET}/brains", "--json", "--local-bundle-dir",
+                 tmp_path / "copies")
+    assert json.loads(shown.stdout)["metadata"]["steps"] == 2  # the newest version, through a cached copy
     again = aios("brains", "pull", f"s3://{BUCKET}/brains/pushed", "--bundle-dir", home, check=False)
     assert again.returncode == 2 and again.stderr.strip().splitlines()[-1].endswith(
         "already exists: pass --force to replace it with the pulled copy, or --bundle-dir elsewhere")

@@ -23,6 +23,7 @@ import torch
 from aios.bundle import BrainBundle
 from aios.cluster.job import CONTROLLER_POLL_S
 from aios.train import launch
+from tests.bundle.test_remote_bundles import BUCKET, keys, s3  # noqa: F401 - the module's S3 endpoint
 from tests.cluster.conftest import cluster_env
 from tests.cluster.test_ray_ddp import records
 from tests.train.test_loop import assert_same_weights
@@ -33,15 +34,21 @@ EVENT_WAIT_S = 150  # the longest wait for one change of the job (Ray re-plans i
 
 
 @pytest.fixture(scope="module")
-def two_node_cluster():
+def head_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("head-node-cache")
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster(s3, head_cache):
     """A head with one CPU, and the means to add and remove a second node of one CPU. Ray Train's wait for a
     worker group that cannot be placed (a node just lost) is cut from 60 to 15 s; it is read by the Train
-    controller, a process of the cluster, so it is set before the cluster starts."""
+    controller, a process of the cluster, so it is set before the cluster starts (and so are the S3 endpoint's
+    variables, and the head's own chunk cache, $AIOS_CACHE_DIR)."""
     import ray
     from ray.cluster_utils import Cluster
 
     with cluster_env(RAY_AUTH_MODE="disabled", RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="15",
-                     RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=CONTROLLER_POLL_S):
+                     RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=CONTROLLER_POLL_S, AIOS_CACHE_DIR=str(head_cache)):
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
         ray.init(address=cluster.address, log_to_driver=True)
         try:
@@ -162,7 +169,7 @@ def test_an_elastic_job_the_cluster_cannot_start_is_one_line(two_node_cluster, m
 def test_an_elastic_job_refuses_nodes_on_other_machines(two_node_cluster, make_config):
     import ray
 
-    from aios.cluster.job import elastic_cluster_problem
+    from aios.cluster.job import anywhere_problem, elastic_cluster_problem
 
     config = make_config(launcher="ray", world_size="1-2")
     nodes = ray.nodes()  # the real records, one of them moved to another machine
@@ -172,3 +179,54 @@ def test_an_elastic_job_refuses_nodes_on_other_machines(two_node_cluster, make_c
     problem = elastic_cluster_problem(config, 1, moved + [{**nodes[0], "NodeID": "x"}], here)
     assert problem.startswith("--world-size 1-2: an elastic job runs on every node, and this cluster has nodes on "
                               "other machines (10.9.8.7)")
+    assert "(the checkpoints and prepared data are on this machine's disk (pass an s3:// --storage-path))" in problem
+    remote = config.replace(storage_path="s3://bucket/runs", bundle_dir="s3://bucket/brains")
+    assert anywhere_problem(remote) is None and anywhere_problem(remote.replace(log_file="m.jsonl"))
+    assert elastic_cluster_problem(remote, 1, moved, here, anywhere=True) is None  # nothing on this machine's disk
+
+
+def test_workers_on_two_nodes_read_only_their_chunks_through_their_own_caches(two_node_cluster, head_cache, s3,
+                                                                            make_config, tmp_path, monkeypatch):
+    """Checkpoints, prepared data and bundle on S3: the workers need no disk of the driver's, so a fixed-size
+    job spreads over both nodes. The prepared data is published once; each node's worker downloads the chunks
+    its slots read into its own cache, once (the driver's prepared directory is moved away meanwhile: nothing
+    reads it); the two caches overlap only where a chunk is shared (a stretch boundary, the eval batches)."""
+    import ray
+
+    import aios.data.remote as remote_data
+    from aios.data.dataset import PreparedDataset
+
+    other_cache = tmp_path / "node-2-cache"
+    node = two_node_cluster.add_node(num_cpus=1, env_vars={"AIOS_CACHE_DIR": str(other_cache)})
+    wait_for("the second node", lambda: sum(n["Alive"] for n in ray.nodes()) == 2, timeout_s=60)
+    publish, hidden = remote_data.publish_prepared, []
+
+    def publish_then_hide(dataset, *args, **kwargs):  # the real upload; then the driver's copy is out of reach
+        location = publish(dataset, *args, **kwargs)
+        hidden.append((dataset.path, dataset.path.with_name(dataset.path.name + ".hidden")))
+        dataset.path.rename(hidden[-1][1])
+        return location
+
+    monkeypatch.setattr(remote_data, "publish_prepared", publish_then_hide)
+    config = make_config(steps=6, checkpoint_every=3, batch_size=2, launcher="ray", world_size=2, cpus_per_worker=1,
+                         storage_path=f"s3://{BUCKET}/spread", bundle_dir=f"s3://{BUCKET}/spread-brains",
+                         local_bundle_dir=str(tmp_path / "local"), brain_name="spread")
+    try:
+        result = launch(config)
+    finally:
+        for original, moved in hidden:
+            moved.rename(original)
+        two_node_cluster.remove_node(node)
+    assert (result.reason, result.step) == ("steps", 6) and len(hidden) == 1
+    [fingerprint] = {k.split("/")[2] for k in keys(s3["client"], "spread/data/")}
+    chunks = PreparedDataset(hidden[0][0]).num_chunks
+    assert len(keys(s3["client"], f"spread/data/{fingerprint}/")) == chunks + 2  # + stats.json, manifest.json
+    head = {p.name for p in (head_cache / "chunks" / fingerprint).glob("chunk-*.npy")}
+    other = {p.name for p in (other_cache / "chunks" / fingerprint).glob("chunk-*.npy")}
+    assert head and other, "a worker on each node read through its own cache"
+    assert len(head) < chunks and len(other) < chunks and len(head & other) <= 3  # only what its slots read
+    steps = records(result.bundle, "step")
+    assert sum(r["data_cache"]["downloads"] for r in steps) <= len(head) + len(other)  # each chunk once a node
+    assert sum(r["data_cache"]["bytes"] for r in steps) > 0
+    run = BrainBundle(result.bundle).metadata()["run"]
+    assert run["world_size"] == 2

@@ -20,8 +20,23 @@ pytestmark = pytest.mark.timeout(300)
 
 
 
+@pytest.fixture(scope="module")
+def node_cache(tmp_path_factory):
+    """The node-local chunk cache of the cluster's workers ($AIOS_CACHE_DIR, set before the cluster starts)."""
+    import os
+
+    path = tmp_path_factory.mktemp("node-cache")
+    saved = os.environ.get("AIOS_CACHE_DIR")
+    os.environ["AIOS_CACHE_DIR"] = str(path)
+    yield path
+    if saved is None:
+        os.environ.pop("AIOS_CACHE_DIR")
+    else:
+        os.environ["AIOS_CACHE_DIR"] = saved
+
+
 def test_two_workers_with_data_checkpoints_and_bundle_on_s3_survive_a_killed_worker_bit_for_bit(
-        s3, ray_cluster, config, one_worker, tmp_path, monkeypatch):
+        s3, node_cache, ray_cluster, config, one_worker, tmp_path, monkeypatch):
     """The Ray job with --storage-path, --bundle-dir and --dataset-file on a real S3 endpoint: every rank
     uploads its own checkpoint files from its own staging directory and rank 0 seals them; rank 1 is SIGKILLed
     after step 5, Ray restarts the group from the checkpoint of step 3 (downloaded by each rank), and what was
@@ -51,5 +66,11 @@ def test_two_workers_with_data_checkpoints_and_bundle_on_s3_survive_a_killed_wor
     assert sealed == ["step-000003", "step-000006", "step-000008"]  # --keep-checkpoints 3 (the default)
     for rank in (0, 1):  # both ranks' files, every one covered by the seal
         assert f"ddp-store/on-s3/checkpoints/step-000008/carry-rank{rank}.safetensors" in stored
+    # the prepared data was published once under the storage path and read through the node's chunk cache
+    data = sorted({k.split("/")[2] for k in keys(s3["client"], "ddp-store/data/")})
+    assert len(data) == 1 and f"ddp-store/data/{data[0]}/manifest.json" in keys(s3["client"], "ddp-store/data/")
+    cached = sorted(p.name for p in (node_cache / "chunks" / data[0]).glob("chunk-*.npy"))
+    steps = [r for r in map(json.loads, (home.root / "metrics.jsonl").read_text().splitlines()) if r["event"] == "step"]
+    assert cached and sum(r["data_cache"]["downloads"] for r in steps) <= len(cached)  # each chunk once per node
     assert not (tmp_path / "local" / ".remote" / BUCKET / "ddp-runs" / "on-s3" / "checkpoints").exists() or not any(
         (tmp_path / "local" / ".remote" / BUCKET / "ddp-runs" / "on-s3" / "checkpoints").iterdir())
