@@ -405,6 +405,14 @@ def _train_worker(loop_config: dict) -> None:
     torch.set_num_threads(loop_config["threads"])
     config = TrainingConfig.from_dict(loop_config["config"], check_paths=False)
     bundle = training_bundle(config)
+    if loop_config.get("data") and ray.train.get_context().get_world_rank() == 0:
+        from aios.train.remote import RemoteBrain
+
+        # Rank 0 writes the bundle, on whichever node it runs: its local copy there must hold the remote's
+        # version first (the driver brought its own up to date; on the driver's node this changes nothing).
+        remote = RemoteBrain.of(config)
+        if remote is not None:
+            remote.bring_up_to_date()
     channel = loop_config["channel"]
     if ray.get(channel.get_error.remote()) is not None:
         return  # a worker group restarted after a refusal: the driver raises it, nothing is retried

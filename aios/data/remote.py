@@ -17,6 +17,7 @@ the time a read waited (stall), which the trainer adds to each step's metrics.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import threading
@@ -38,6 +39,21 @@ CACHE_ENV = "AIOS_CACHE_DIR"
 CACHE_LIMIT_ENV = "AIOS_CACHE_LIMIT_GB"
 DEFAULT_CACHE_LIMIT_GB = 10.0
 PREFETCH_THREADS = 2
+TOUCH_EVERY_S = 10.0  # how often a chunk read from an open memory map is marked as used (its mtime)
+
+
+def _touch(path: Path) -> None:
+    """Mark a chunk file as recently used (gone already: nothing to mark; a read finds out)."""
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        pass
+
+
+def _done() -> Future:
+    future: Future = Future()
+    future.set_result(None)
+    return future
 
 
 def remote_location(storage_path: str, dataset: PreparedDataset) -> str:
@@ -45,27 +61,33 @@ def remote_location(storage_path: str, dataset: PreparedDataset) -> str:
 
 
 def publish_prepared(dataset: PreparedDataset, storage_path: str, endpoint_url: str | None = None) -> str:
-    """Upload a prepared dataset into run storage once (manifest last); returns its location."""
+    """Upload a prepared dataset into run storage once (manifest last); returns its location. Each file is
+    retried on its own; a file an earlier, interrupted upload left at its full size is not uploaded again."""
+    import json
+
     from aios.train.remote import with_retries
 
     location = remote_location(storage_path, dataset)
     storage = open_storage(location, endpoint_url)
 
-    def publish() -> bool:
-        if storage.exists(MANIFEST_NAME):
-            return False
-        for chunk in dataset.manifest["chunks"]:
-            storage.upload_file(dataset.path / chunk["file"], chunk["file"])
-        if (dataset.path / STATS_NAME).is_file():
-            storage.upload_file(dataset.path / STATS_NAME, STATS_NAME)
-        storage.upload_file(dataset.path / MANIFEST_NAME, MANIFEST_NAME)  # last: it names the chunks above
-        return True
-
-    uploaded = with_retries(publish, f"upload of the prepared data to {location}",
+    def retried(operation, what: str):
+        return with_retries(operation, f"{what} of the prepared data {location}",
                             lambda problem: f"cannot upload the prepared data to {location} ({problem}); rerun once "
                                             f"the storage answers")
-    log.info("%s the prepared data %s (%d chunks)", "uploaded" if uploaded else "reusing", location,
-             dataset.num_chunks)
+
+    held = retried(storage.sizes, "listing")
+    if MANIFEST_NAME in held:
+        log.info("reusing the prepared data %s (%d chunks)", location, dataset.num_chunks)
+        return location
+    for chunk in dataset.manifest["chunks"]:
+        local = dataset.path / chunk["file"]
+        if held.get(chunk["file"]) != local.stat().st_size:
+            retried(lambda local=local, name=chunk["file"]: storage.upload_file(local, name), "upload")
+    # the entropy the trainers log: stored with the data, so that no worker reads every chunk to compute it
+    stats = json.dumps({"unigram_entropy": dataset.unigram_entropy()}) + "\n"
+    retried(lambda: storage.write_bytes(STATS_NAME, stats.encode()), "upload")
+    retried(lambda: storage.upload_file(dataset.path / MANIFEST_NAME, MANIFEST_NAME), "upload")  # last
+    log.info("uploaded the prepared data %s (%d chunks)", location, dataset.num_chunks)
     return location
 
 
@@ -92,9 +114,8 @@ class CachedDataset(PreparedDataset):
         self.location = location
         directory = (cache_dir or cache_root()) / location.rstrip("/").rpartition("/")[2]
         directory.mkdir(parents=True, exist_ok=True)
-        for name in (MANIFEST_NAME, STATS_NAME):
-            if name == MANIFEST_NAME or self.storage.exists(name):
-                self._download(name, directory / name)
+        for name in (MANIFEST_NAME, STATS_NAME):  # published together: the manifest last
+            self._retrying(lambda name=name: self._download(name, directory / name), name)
         super().__init__(directory, check_files=False)
         self.limit = cache_limit_bytes() if limit_bytes is None else limit_bytes
         self.hits = self.downloads = self.bytes_downloaded = 0
@@ -102,7 +123,8 @@ class CachedDataset(PreparedDataset):
         self.downloaded_chunks: list[int] = []  # every chunk this reader downloaded, in order
         self._lock = threading.Lock()
         self._pending: dict[int, Future] = {}
-        self._fresh: set[int] = set()  # downloaded, not opened yet: never evicted
+        self._fresh: set[int] = set()  # downloaded, not opened yet: never evicted by this process
+        self._touched: dict[int, float] = {}  # when each open chunk's file was last marked as used
         self._pool = ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="aios-prefetch")
 
     def cache_counters(self) -> list[float]:
@@ -112,32 +134,44 @@ class CachedDataset(PreparedDataset):
 
     def prefetch(self, chunks) -> None:
         for index in chunks:
-            self._fetch(int(index))
+            if int(index) not in self._open:  # mapped: readable whatever happens to its file
+                self._fetch(int(index))
 
     def _chunk(self, index: int) -> np.ndarray:
         if index in self._open:
+            now = time.monotonic()
+            if now - self._touched.get(index, 0.0) > TOUCH_EVERY_S:  # still in use: not the least recent
+                self._touched[index] = now
+                _touch(self.path / self._name(index))
             return super()._chunk(index)
         started = time.perf_counter()
-        future = self._fetch(index)
-        if future is not None:
-            future.result()  # on the prefetch thread, or begun just now: the read waits for it
+        waited = False
+        for attempt in range(3):
+            future = self._fetch(index, now=True)
+            if future is not None:
+                waited = True
+                future.result()  # a prefetch under way: the read waits for it
+            try:
+                _touch(self.path / self._name(index))  # recently used
+                rows = super()._chunk(index)
+                break
+            except (AiosError, FileNotFoundError):
+                # another worker of this node evicted it between the download and the open: fetch it again
+                if (self.path / self._name(index)).is_file() or attempt == 2:
+                    raise
         with self._lock:
-            if future is None:
-                self.hits += 1
-            else:
+            if waited:
                 self.stall_s += time.perf_counter() - started
-        try:
-            os.utime(self.path / self._name(index))  # recently used
-        except FileNotFoundError:  # another reader of this node's cache evicted it meanwhile: once more
-            self._fetch(index).result()
-        rows = super()._chunk(index)
-        with self._lock:
+            else:
+                self.hits += 1
             self._fresh.discard(index)
+        self._touched[index] = time.monotonic()
         return rows
 
-    def _fetch(self, index: int) -> Future | None:
-        """None when the chunk is on disk; else its download (already running, or started now; one that
-        failed is started again)."""
+    def _fetch(self, index: int, *, now: bool = False) -> Future | None:
+        """None when the chunk is on disk (or, with `now`, was downloaded by this call, in this thread: a read
+        that needs it does not queue behind prefetches); else its download under way, or started now on a
+        prefetch thread (one that failed is started again)."""
         with self._lock:
             pending = self._pending.get(index)
             if pending is not None and not pending.done():
@@ -145,49 +179,70 @@ class CachedDataset(PreparedDataset):
             failed = pending is not None and pending.exception() is not None
             if not failed and (self.path / self._name(index)).is_file():
                 return None
-            future = self._pool.submit(self._download_chunk, index)
-            self._pending[index] = future
-            return future
+            if not now:
+                future = self._pool.submit(self._download_chunk, index)
+                self._pending[index] = future
+                return future
+        self._download_chunk(index)
+        return _done()
 
     def _download_chunk(self, index: int) -> None:
-        from aios.train.remote import with_retries
-
+        """Download one chunk, unless another worker of this node did it meanwhile (a lock file per chunk)."""
         name = self._name(index)
         target = self.path / name
-        with_retries(lambda: self._download(name, target), f"download of {self.location}/{name}",
-                     lambda problem: f"cannot download {self.location}/{name} ({problem}): rerun with --resume "
-                                     f"once the storage answers")
+        with open(self.path / f".{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if target.is_file():
+                    return  # another worker of this node downloaded it while this one waited
+                size = self._retrying(lambda: self._download(name, target), name)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
         with self._lock:
             self.downloads += 1
-            self.bytes_downloaded += target.stat().st_size
+            self.bytes_downloaded += size
             self.downloaded_chunks.append(index)
             self._fresh.add(index)
             self._evict()
 
-    def _download(self, name: str, target: Path) -> None:
+    def _download(self, name: str, target: Path) -> int:
+        """`name` into `target`, whole or not at all (a worker of this node may read it at once); its size."""
         partial = target.with_name(f".{name}.{os.getpid()}.{threading.get_ident()}.part")
         try:
             self.storage.download_file(name, partial)
-            os.replace(partial, target)  # whole or absent: a worker of this node may read it at once
+            size = partial.stat().st_size
+            os.replace(partial, target)
+            return size
         finally:
             partial.unlink(missing_ok=True)
 
+    def _retrying(self, operation, name: str):
+        from aios.train.remote import with_retries
+
+        return with_retries(operation, f"download of {self.location}/{name}",
+                            lambda problem: f"cannot download {self.location}/{name} ({problem}): rerun with "
+                                            f"--resume once the storage answers")
+
     def _evict(self) -> None:
-        """Delete the least recently used chunk files beyond the size limit (never one just downloaded)."""
-        files = [(p.stat().st_mtime, p.stat().st_size, p) for p in self.path.glob("chunk-*.npy")]
+        """(Holding the lock.) Delete the least recently used chunk files beyond the size limit. A chunk a reader
+        has mapped stays readable when its file is deleted (POSIX); one this process downloaded and has not
+        opened yet is kept; files another worker of the node deletes meanwhile are skipped."""
+        files = []
+        for entry in os.scandir(self.path):
+            if entry.name.startswith("chunk-") and entry.name.endswith(".npy"):
+                try:
+                    info = entry.stat()
+                except FileNotFoundError:
+                    continue
+                files.append((info.st_mtime, info.st_size, entry.name))
         total = sum(size for _, size, _ in files)
-        if total <= self.limit:
-            return
-        # (called holding the lock) A chunk this reader has mapped stays readable when its file is deleted
-        # (POSIX), so only the downloaded ones no reader has opened yet are kept.
-        open_names = {self._name(i) for i in self._fresh}
-        for _, size, path in sorted(files):
+        keep = {self._name(i) for i in self._fresh}
+        for _, size, name in sorted(files):
             if total <= self.limit:
                 break
-            if path.name in open_names:
-                continue
-            path.unlink(missing_ok=True)
-            total -= size
+            if name not in keep:
+                (self.path / name).unlink(missing_ok=True)
+                total -= size
 
     def _name(self, index: int) -> str:
         return self.manifest["chunks"][index]["file"]

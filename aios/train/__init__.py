@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -89,7 +90,12 @@ def launch(config: TrainingConfig, callbacks=None):
 
             with bundle.lock():
                 remove_leftovers(checkpoints)
-                return run_on_ray(config, bundle, require_checkpoint=has_work)
+                result = run_on_ray(config, bundle, require_checkpoint=has_work)
+            if remote:  # rank 0 may have trained on another node: this machine's copy gets what it pushed
+                local = remote.bring_up_to_date().root
+                result = dataclasses.replace(result, bundle=local,
+                                             plot=local / result.plot.name if result.plot else None)
+            return result
         session = LocalSession(checkpoints, device=device, keep_checkpoints=config.keep_checkpoints,
                                resume=config.resume, stop_file=config.stop_file, require_checkpoint=has_work,
                                remote=remote_checkpoints)

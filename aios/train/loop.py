@@ -184,6 +184,13 @@ class Trainer:
 
         self.tokenizer = load_tokenizer(config.model)
         self.dataset, self.eval_dataset = datasets or self._prepare_data()
+        if datasets is not None:  # prepared elsewhere: this node's tokenizer must be the one that prepared it
+            prepared_with = self.dataset.manifest["tokenizer"].get("fingerprint")
+            if prepared_with != tokenizer_fingerprint(self.tokenizer):
+                raise AiosError(f"--model {config.model} on this node is not the tokenizer the data in "
+                                f"{getattr(self.dataset, 'location', self.dataset.path)} was prepared with (its "
+                                f"fingerprint differs): give every node the same tokenizer (a bundled one, or the "
+                                f"same files in the image)")
         # Chunks read over the network: their cache counters go into every step's metrics
         self.cached = hasattr(self.dataset, "cache_counters")
         self._cache_seen = [0.0] * 4

@@ -227,6 +227,7 @@ def test_workers_on_two_nodes_read_only_their_chunks_through_their_own_caches(tw
     assert len(head) < chunks and len(other) < chunks and len(head & other) <= 3  # only what its slots read
     steps = records(result.bundle, "step")
     assert sum(r["data_cache"]["downloads"] for r in steps) <= len(head) + len(other)  # each chunk once a node
+    assert steps[0]["data_cache"]["downloads"] >= 2  # both workers' first chunks, summed over the ranks
     assert sum(r["data_cache"]["bytes"] for r in steps) > 0
     run = BrainBundle(result.bundle).metadata()["run"]
     assert run["world_size"] == 2

@@ -10,6 +10,7 @@ import numpy as np
 from aios.data import ChunkSampler, PreparedDataset
 from aios.data.remote import CachedDataset, publish_prepared
 from tests.bundle.test_remote_bundles import BUCKET, keys, s3  # noqa: F401 - the module's S3 endpoint
+from tests.train.conftest import data_cache, make_config, small_text  # noqa: F401 - a training config
 
 
 class Hinted(PreparedDataset):
@@ -56,7 +57,7 @@ def test_the_sampler_hints_each_slot_s_next_chunk_about_a_chunk_ahead_of_its_fir
 def test_a_cached_dataset_downloads_each_chunk_once_and_reads_what_the_local_one_reads(s3, small_dataset, tmp_path):
     location = publish_prepared(small_dataset, f"s3://{BUCKET}/run-storage")
     stored = keys(s3["client"], "run-storage/data/")
-    assert stored[-1].endswith("manifest.json") or f"run-storage/data/{small_dataset.fingerprint[:16]}/manifest.json" in stored
+    assert len(stored) == small_dataset.num_chunks + 2  # + stats.json, manifest.json
     assert publish_prepared(small_dataset, f"s3://{BUCKET}/run-storage") == location  # found: nothing uploaded
     assert keys(s3["client"], "run-storage/data/") == stored
 
@@ -78,9 +79,8 @@ def test_prefetched_chunks_are_read_without_waiting_and_the_cache_keeps_its_size
     chunk_bytes = (small_dataset.path / "chunk-00000.npy").stat().st_size
     cached = CachedDataset(location, cache_dir=tmp_path / "node", limit_bytes=3 * chunk_bytes)
     cached.prefetch([0, 1])
-    deadline = time.monotonic() + 30
-    while cached.cache_counters()[1] < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    for future in list(cached._pending.values()):
+        future.result(timeout=30)  # both downloaded ahead
     first = small_dataset.chunk_offsets[:2]
     cached.get(first)
     hits, downloads, _, stall = cached.cache_counters()
@@ -89,3 +89,50 @@ def test_prefetched_chunks_are_read_without_waiting_and_the_cache_keeps_its_size
     on_disk = list(cached.path.glob("chunk-*.npy"))
     assert sum(p.stat().st_size for p in on_disk) <= 3 * chunk_bytes + max(p.stat().st_size for p in on_disk)
     cached.close()
+
+
+def test_an_interrupted_publication_has_no_manifest_and_the_next_one_uploads_only_what_is_missing(
+        s3, small_dataset, monkeypatch):
+    from aios.errors import AiosError
+    from aios.storage import Storage
+
+    monkeypatch.setenv("AIOS_STORAGE_RETRY_S", "0")
+    upload, uploaded = Storage.upload_file, []
+
+    def upload_three_then_fail(self, local, relative):
+        if len(uploaded) == 3:
+            raise AiosError(f"{relative}: cannot reach the S3 endpoint (test)")
+        upload(self, local, relative)
+        uploaded.append(relative)
+
+    monkeypatch.setattr(Storage, "upload_file", upload_three_then_fail)
+    prefix = f"cut/data/{small_dataset.fingerprint[:16]}/"
+    try:
+        publish_prepared(small_dataset, f"s3://{BUCKET}/cut")
+    except AiosError as exc:
+        assert str(exc).startswith("cannot upload the prepared data to s3://") and "\n" not in str(exc)
+    else:
+        raise AssertionError("the publication did not fail")
+    assert len(keys(s3["client"], prefix)) == 3 and not any(k.endswith("manifest.json") for k in keys(s3["client"], prefix))
+    monkeypatch.setattr(Storage, "upload_file", lambda self, local, relative: (uploaded.append(relative),
+                                                                              upload(self, local, relative)))
+    uploaded.clear()
+    publish_prepared(small_dataset, f"s3://{BUCKET}/cut")
+    assert len(uploaded) == small_dataset.num_chunks - 3 + 1 and uploaded[-1] == "manifest.json"  # the rest, then it
+    assert len(keys(s3["client"], prefix)) == small_dataset.num_chunks + 2
+
+
+def test_data_prepared_with_another_tokenizer_is_refused_in_one_line(small_dataset, make_config):
+    from aios.errors import AiosError
+    from aios.train.loop import Trainer
+    from aios.train.session import LocalSession
+
+    config = make_config()  # the 2k Shakespeare BPE; small_dataset was prepared with a 512-token one
+    session = LocalSession(config.bundle_dir, device=__import__("torch").device("cpu"), keep_checkpoints=1,
+                           resume=False)
+    try:
+        Trainer(config, session, datasets=(small_dataset, small_dataset))
+    except AiosError as exc:
+        assert "is not the tokenizer the data in" in str(exc) and "\n" not in str(exc)
+    else:
+        raise AssertionError("the mismatched tokenizer was not refused")
