@@ -193,6 +193,9 @@ def config_bundle_checkpoints(config):
      "cannot reach the S3 endpoint at http://127.0.0.1:9"),
     ("missing credentials", ["--bundle-dir", f"s3://{BUCKET}/runs"],
      {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None}, "no S3 credentials"),
+    ("unknown bucket of --storage-path", ["--storage-path", "s3://no-such-bucket/runs", "--bundle-dir",
+                                          f"s3://{BUCKET}/runs"], {},
+     "s3://no-such-bucket/runs/bad/checkpoints: bucket 'no-such-bucket' does not exist"),
     ("missing object", ["--dataset-file", f"s3://{BUCKET}/data/none.txt", "--bundle-dir", f"s3://{BUCKET}/runs"], {},
      "no such object or prefix"),
 ])
