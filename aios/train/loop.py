@@ -279,7 +279,8 @@ class Trainer:
                 raise  # a device error, not the checkpoint's
             reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
             raise ckpt.CheckpointUnusable(f"{type(exc).__name__}: {reason}") from exc
-        log.info("resumed from %s at step %d (micro-batch %d x %d)", directory, self.step, self.micro_batch,
+        log.info("resumed from %s at step %d (micro-batch %d x %d)", self.session.describe_checkpoint(directory),
+                 self.step, self.micro_batch,
                  self.grad_accum)
 
     def _check_identity(self, directory: Path, state: dict) -> None:
@@ -759,6 +760,8 @@ class Trainer:
                     self.evaluate()
                 if saved_at != self.step:
                     self.save(last)
+                elif evaluated_at != self.step and self.is_main:  # saved before this final eval: record it
+                    self.bundle.update_metadata(last_eval=self.last_eval)
                 plot = self._plot()
             self.log.write({"event": "end", "step": self.step, "reason": reason, "eval": self.last_eval,
                             "sample_tokens_seen": self.counters.sample_tokens_seen,

@@ -298,7 +298,6 @@ class RemoteCheckpointing:
             if problem is not None:
                 log.warning("rank %d cannot use checkpoint %s: %s", self.rank, self.remote.describe(name), problem)
             if not any(self.gather(problem)):
-                log.info("resumed from %s", self.remote.describe(name))
                 shutil.rmtree(local, ignore_errors=True)  # loaded: only its name is kept (describe_checkpoint)
                 return local
             if self.rank == 0:

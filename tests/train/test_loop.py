@@ -314,3 +314,9 @@ def test_flags_not_built_yet_are_refused_before_training(make_config):
 def test_missing_dataset_is_refused(make_config):
     with pytest.raises(AiosError, match="--dataset-file is required"):
         launch(make_config(dataset_file=None))
+
+
+def test_the_final_eval_after_the_last_checkpoint_reaches_the_bundle_metadata(make_config):
+    result = launch(make_config(steps=4, checkpoint_every=2, eval_every=0))  # saved at 4, then evaluated
+    last_eval = BrainBundle(result.bundle).metadata()["last_eval"]
+    assert last_eval == result.final_eval and last_eval["step"] == 4
