@@ -59,13 +59,15 @@ _COMMAND_PARAMETERS = [
 ]
 
 
-def resolve_config(ctx: typer.Context, preset: str | None, flag_values: dict[str, Any]) -> TrainingConfig:
-    """defaults < preset < flags the user typed (a flag left at its default does not undo the preset)."""
+def resolve_config(ctx: typer.Context, preset: str | None, flag_values: dict[str, Any], *,
+                   check_paths: bool = True) -> TrainingConfig:
+    """defaults < preset < flags the user typed (a flag left at its default does not undo the preset).
+    `check_paths=False`: the data paths are another machine's (aios submit), not looked for here."""
     preset_settings = read_yaml_settings(preset) if preset else {}
     typed = typed_by_user(ctx, flag_values)
     settings = {**preset_settings, **{name: flag_values[name] for name in typed}}
     try:
-        return TrainingConfig.model_validate(settings)
+        return TrainingConfig.model_validate(settings, context={"check_paths": check_paths})
     except ValidationError as exc:
         message = format_validation_error(exc)
         field = error_field(exc)
@@ -86,8 +88,10 @@ def train_actv1(ctx: typer.Context, config: str | None, print_config: bool, **fl
     if print_config:
         typer.echo(training_config.to_json(), nl=False)
         return None
+    from aios.cluster.submit import check_required_env
     from aios.train import already_reached_message, launch  # here: --help must not pay for torch
 
+    check_required_env()  # a job of `aios submit --require-env`: the cluster must provide those variables
     result = launch(training_config)
     if result.reason == "already_reached":
         typer.echo(already_reached_message(training_config, result.step))

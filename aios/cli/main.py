@@ -44,12 +44,14 @@ def _root(
 
 
 def _register() -> None:
-    from aios.cli import brains, data, hrm_hf, tokenizer
+    from aios.cli import brains, data, hrm_hf, jobs, tokenizer
 
     app.add_typer(hrm_hf.app, name="hrm-hf", help="HRM models with Hugging Face tokenizers: train, generate, eval.")
     app.add_typer(tokenizer.app, name="tokenizer", help="Train, inspect and use tokenizers (offline).")
     app.add_typer(data.app, name="data", help="Prepare and inspect tokenized training data.")
     app.add_typer(brains.app, name="brains", help="List, inspect, plot, push and pull brain bundles.")
+    app.command("submit")(jobs.submit_command)
+    app.add_typer(jobs.app, name="jobs", help="The Ray jobs of a cluster: list, status, logs, stop.")
 
 
 _register()

@@ -269,6 +269,14 @@ class RaySession:
                 "ray_storage": self.remote.remote.describe() if self.remote else str(self.checkpoints_dir), "ray_restarts": self.restarts,
                 "torch_threads": torch.get_num_threads()}
 
+    def metrics_sink(self, brain: str, run: str | None):
+        """Ray metrics of the run (loss, eval loss, tokens/s, segments, restarts), exported by rank 0."""
+        if self.rank != 0:
+            return None
+        from aios.cluster.metrics import RayMetrics
+
+        return RayMetrics(brain, run, restarts=self.restarts, world_size=self.world_size)
+
     def close(self) -> None:
         if self.remote:  # this rank's node-local staging and downloads (the driver removes the shared staging)
             self.remote.close()

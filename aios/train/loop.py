@@ -721,7 +721,7 @@ class Trainer:
         self.session.enter_loop()  # from here a stop request is graceful (and recorded), not an interruption
         if self.is_main:
             self.log = MetricsLog(Path(cfg.log_file) if cfg.log_file else self.bundle.metrics_path,
-                                  resume_step=start)
+                                  resume_step=start, sink=self.session.metrics_sink(cfg.brain_name, cfg.run_name))
         self.console = Console(cfg.progress and self.is_main, total=cfg.steps, start=start)
         self.log.write({"event": "start", "step": start, "brain": cfg.brain_name,
                         "resumed_from": self.session.describe_checkpoint(self.restored_from) if self.restored_from else "",

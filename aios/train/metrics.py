@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from aios import jsonio
@@ -22,9 +23,10 @@ class MetricsLog:
     last line. A new run (step 0) keeps only the `start` records of attempts that never checkpointed.
     """
 
-    def __init__(self, path: Path, *, resume_step: int):
+    def __init__(self, path: Path, *, resume_step: int, sink: Callable[[dict], None] | None = None):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.sink = sink  # also handed every record (Ray metrics); its failure is logged, never the run's
         if path.exists():
             self._keep_through(resume_step)
         self.file = open(path, "a", buffering=1, encoding="utf-8")
@@ -47,6 +49,13 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         self.file.write(jsonio.dumps({"time": round(time.time(), 3), **record}) + "\n")
+        if self.sink is not None:
+            try:
+                self.sink(record)
+            except Exception as exc:  # noqa: BLE001 - watching a run must never stop it
+                log.warning("metrics export failed (%s: %s); the metrics log keeps every record, export stops",
+                            type(exc).__name__, exc)
+                self.sink = None
 
     def sync(self) -> None:
         """Flush to disk (after a checkpoint: the log then holds at least what the checkpoint holds)."""

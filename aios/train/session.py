@@ -79,6 +79,9 @@ class Session(Protocol):
     def run_info(self) -> dict:
         """How this run is executed, for metadata.json: launcher, world size and the launcher's own facts."""
 
+    def metrics_sink(self, brain: str, run: str | None) -> Callable[[dict], None] | None:
+        """Rank 0: where the metrics log's records also go (on Ray: Ray metrics, for the dashboard), or None."""
+
     def describe_checkpoint(self, directory: Path) -> str:
         """Where a checkpoint that `restore` or `report` returned lives, as the user would write it."""
 
@@ -242,6 +245,9 @@ class LocalSession:
 
     def run_info(self) -> dict:
         return {"launcher": "local", "world_size": 1}
+
+    def metrics_sink(self, brain: str, run: str | None) -> None:
+        return None  # the metrics log and the console are this process's watchers
 
     def describe_checkpoint(self, directory: Path | None) -> str:
         if directory is None:  # a rank other than 0 after a report
