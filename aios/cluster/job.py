@@ -94,8 +94,13 @@ def _torch_trainer(config: TrainingConfig, checkpoints: Path | RemoteCheckpoints
                    require_checkpoint: bool, staging_root: Path | None, data: dict | None = None) -> TorchTrainer:
     workers = config.max_workers
     node_id, node_cpus = _driver_node()
+    anywhere = anywhere_problem(config) is None
     cpus = config.cpus_per_worker or max(1, node_cpus // workers)
-    if anywhere_problem(config) is None:
+    if anywhere and config.cpus_per_worker is None:  # the workers' nodes, not the driver's (a head of 0 CPUs)
+        needed = config.min_workers if config.elastic else workers  # an elastic job starts with what fits
+        cpus = cpus_for_workers(ray.nodes(), needed, gpus=_use_gpu(config))
+        log.info("--cpus-per-worker %d: the most with which %d workers fit on this cluster's nodes now", cpus, needed)
+    if anywhere:
         # Checkpoints, prepared data and bundle in remote storage: the workers need no disk of this node
         scaling = dict(num_workers=(config.min_workers, workers) if config.elastic else workers,
                        resources_per_worker={"CPU": cpus})
@@ -162,6 +167,20 @@ def anywhere_problem(config: TrainingConfig) -> str | None:
         if value:
             return f"{flag} {value} is a path on this machine's disk"
     return None
+
+
+def cpus_for_workers(nodes: list[dict], workers: int, *, gpus: bool = False) -> int:
+    """The most CPUs per worker with which `workers` workers fit on the alive `nodes` (as ray.nodes() lists them;
+    with `gpus`, also one GPU each), for workers that may run on any node; 1 when they do not fit even so (an
+    autoscaling cluster whose worker nodes are still to come)."""
+    alive = [node.get("Resources", {}) for node in nodes if node.get("Alive")]
+    most = max((int(resources.get("CPU", 0)) for resources in alive), default=0)
+    for cpus in range(most, 0, -1):
+        fit = sum(min(int(r.get("CPU", 0)) // cpus, int(r.get("GPU", 0))) if gpus else int(r.get("CPU", 0)) // cpus
+                  for r in alive)
+        if fit >= workers:
+            return cpus
+    return 1
 
 
 def _check_elastic_cluster(config: TrainingConfig, cpus: int, *, anywhere: bool = False) -> None:

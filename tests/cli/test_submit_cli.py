@@ -148,3 +148,21 @@ def test_a_failing_metrics_sink_never_stops_the_log(tmp_path, caplog):
     assert seen == [1]  # dropped after its first failure
     assert [json.loads(line)["step"] for line in (tmp_path / "m.jsonl").read_text().splitlines()] == [1, 2]
     assert "metrics export failed (RuntimeError: exporter down)" in caplog.text
+
+
+def test_workers_that_may_run_anywhere_get_the_cpus_of_the_nodes_they_fit_on():
+    """A KubeRay head runs the driver with num-cpus 0: a run in remote storage sizes its workers by the worker
+    nodes (the most CPUs each with which they all fit), not by the driver's node."""
+    from aios.cluster.job import cpus_for_workers
+
+    def node(cpus: int, gpus: int = 0, alive: bool = True) -> dict:
+        return {"Alive": alive, "Resources": {"CPU": float(cpus), **({"GPU": float(gpus)} if gpus else {})}}
+
+    head = node(0)
+    assert cpus_for_workers([head, node(8), node(8)], 2) == 8
+    assert cpus_for_workers([head, node(8), node(8)], 4) == 4
+    assert cpus_for_workers([head, node(8), node(4)], 3) == 4  # 8 // 4 + 4 // 4
+    assert cpus_for_workers([head, node(16, gpus=2), node(16, gpus=2)], 4, gpus=True) == 8  # one GPU each
+    assert cpus_for_workers([head, node(16, gpus=1)], 2, gpus=True) == 1  # not enough GPUs yet: Ray waits
+    assert cpus_for_workers([head, node(8, alive=False)], 1) == 1
+    assert cpus_for_workers([head], 2) == 1  # the worker pods are still to come (an autoscaling cluster)
