@@ -280,6 +280,9 @@ def follow_logs(client, job_id: str, out: TextIO = sys.stdout) -> None:
             out.write(chunk)
             out.flush()
 
+    import logging
+
+    logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)  # not its "WebSocket closed"
     try:
         asyncio.run(tail())
     except RuntimeError as exc:  # the connection closed before the job ended (the head restarted?)
