@@ -6,7 +6,7 @@ import os
 import pytest
 
 from aios.cluster.job import CONTROLLER_POLL_S
-from tests.train.conftest import data_cache, make_config, small_text  # noqa: F401 - the same tiny runs
+from tests.train.conftest import data_cache, make_config, module_make_config, small_text  # noqa: F401 - the same tiny runs
 
 
 @pytest.fixture(scope="module")

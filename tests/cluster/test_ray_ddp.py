@@ -10,6 +10,7 @@ world size). Every test is bounded by a timeout: a rank waiting forever in a col
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -30,33 +31,45 @@ def records(bundle: Path, event: str) -> list[dict]:
     return [r for r in map(json.loads, (bundle / "metrics.jsonl").read_text().splitlines()) if r["event"] == event]
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """In-process runs with the one thread each worker gets (2 CPUs, 2 workers): CPU kernels sum in an order
-    that depends on the thread count, so bitwise equality holds at equal threads per worker."""
+    that depends on the thread count, so bitwise equality holds at equal threads per worker. Module-scoped:
+    the module's references (below) are computed under it too."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
-def config(make_config):
-    # b=2 per worker; exploration on (per slot, from the step), halt_max_steps 3 leaves rows mid-sample
-    return make_config(steps=8, checkpoint_every=3, batch_size=2, halt_exploration_prob=0.5)
+@pytest.fixture(scope="module")
+def config(module_make_config, one_thread):
+    # b=2 per worker; exploration on (per slot, from the step), halt_max_steps 3 leaves rows mid-sample.
+    # Shared by the module's tests (one bundle directory): every run has a brain name of its own.
+    return module_make_config(steps=8, checkpoint_every=3, batch_size=2, halt_exploration_prob=0.5)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_worker(config):
     """The reference: one in-process worker accumulating the two micro-batches the two workers take."""
     return launch(config.replace(brain_name="one-worker", gradient_accumulation_steps=2))
+
+
+@pytest.fixture(scope="module")
+def constant_lr(module_make_config, one_thread):
+    """The same runs with a constant learning rate, so that resumed stages' --steps do not change the
+    schedule; and the reference: one in-process worker accumulating two micro-batches, 8 steps straight."""
+    config = module_make_config(steps=8, checkpoint_every=3, batch_size=2, halt_exploration_prob=0.5,
+                                warmup_steps=0, min_lr_ratio=1.0)
+    return config, launch(config.replace(brain_name="constant-straight", gradient_accumulation_steps=2))
 
 
 def two_workers(config, name: str, **changes):
     return launch(config.replace(brain_name=name, launcher="ray", world_size=2, **changes))
 
 
-def test_two_workers_train_bit_for_bit_what_one_worker_accumulating_trains(ray_cluster, config, one_worker):
+def test_two_workers_train_bit_for_bit_what_one_worker_accumulating_trains(ray_cluster, config, one_worker,
+                                                                           tmp_path):
     result = two_workers(config, "ddp", ddp=True)  # --ddp is accepted (implied by --world-size 2)
     assert (result.reason, result.step) == ("steps", 8)
     assert_same_weights(one_worker.bundle, result.bundle)
@@ -76,20 +89,19 @@ def test_two_workers_train_bit_for_bit_what_one_worker_accumulating_trains(ray_c
     tracker = BrainBundle(result.bundle).tracker()  # both ranks' samplers: the global view
     assert tracker["partitions"] == 4 and tracker["slots"] == 4
     assert tracker["state"] == BrainBundle(one_worker.bundle).tracker()["state"]
-
-
-def test_a_checkpoint_missing_a_rank_s_files_from_its_seal_is_not_intact(ray_cluster, config, tmp_path):
-    result = two_workers(config.replace(steps=3), "unsealed")
-    [checkpoint] = list_checkpoints(result.bundle / "checkpoints")
+    # A checkpoint missing a rank's files from its seal is not intact: a copy of the first one (so the run's
+    # own stay as they were), its seal edited as if rank 0 had sealed before rank 1 wrote.
+    checkpoint = shutil.copytree(list_checkpoints(result.bundle / "checkpoints")[0], tmp_path / "step-000003")
     marker = checkpoint / COMPLETE
     sealed = json.loads(marker.read_text())
-    del sealed["files"]["carry-rank1.safetensors"]  # as if rank 0 had sealed before rank 1 wrote
+    assert verify_checkpoint(checkpoint) is None  # intact as copied
+    del sealed["files"]["carry-rank1.safetensors"]
     marker.write_text(json.dumps(sealed))
     assert "carry-rank1.safetensors" in verify_checkpoint(checkpoint)
 
 
-# A SIGKILLed worker of two: tests/cluster/test_ray_s3.py (the same run, its checkpoints on S3); one worker of
-# one: test_ray_job.py (both faults). Each 2-worker restart costs a minute of CI on 2 cores.
+# A SIGKILLed worker of two: tests/cluster/test_ray_s3.py (the same run, its checkpoints on S3); a SIGKILLed
+# worker of one: test_ray_job.py. Each 2-worker restart costs a minute of CI on 2 cores.
 @pytest.mark.parametrize("fault", ["raise"])
 def test_a_failed_worker_of_two_is_restarted_to_the_same_weights(ray_cluster, config, one_worker, tmp_path,
                                                                  monkeypatch, fault):
@@ -107,26 +119,14 @@ def test_a_failed_worker_of_two_is_restarted_to_the_same_weights(ray_cluster, co
     assert table_rows(shown)["trained by"] == "ray, 2 workers (1 restart)"
 
 
-def test_a_stop_seen_by_one_rank_stops_both_after_the_same_step(ray_cluster, config, one_worker, tmp_path,
-                                                                monkeypatch):
-    monkeypatch.setenv("AIOS_TEST_FAULT", "stop:4")  # only rank 1 sees a stop request, after step 4
-    monkeypatch.setenv("AIOS_TEST_FAULT_ONCE", str(tmp_path / "fired"))
-    monkeypatch.setenv("AIOS_TEST_FAULT_RANK", "1")
-    result = two_workers(config, "stop-one-rank")
-    assert (result.reason, result.step) == ("stop", 4)
-    assert [p.name for p in list_checkpoints(result.bundle / "checkpoints")] == ["step-000003", "step-000004"]
-    assert records(result.bundle, "stop")[0]["reason"] == "a stop request seen by another worker"
-    # and the run goes on from there as if never stopped
-    resumed = launch(config.replace(brain_name="stop-one-rank", resume=True, gradient_accumulation_steps=2))
-    assert resumed.step == 8
-    assert_same_weights(one_worker.bundle, resumed.bundle)
-
-
-def test_the_end_of_the_data_on_one_rank_ends_both_before_the_step(ray_cluster, make_config, small_text, tmp_path):
+def test_the_end_of_the_data_on_one_rank_ends_both_before_the_step_and_experts_train_the_same(
+        ray_cluster, make_config, small_text, tmp_path):
+    """The end of the data, with a mixture of experts: experts that no token of a rank chose have no gradient
+    there; one that no token at all chose keeps none (the optimizer skips it on one worker, and must on two)."""
     text = tmp_path / "short.txt"
     text.write_text(small_text.read_text()[:6000])  # a few hundred sequences: the partitions run out early
     config = make_config(dataset_file=str(text), steps=10_000, batch_size=2, halt_exploration_prob=0.5,
-                         iterate=False)
+                         iterate=False, use_moe=True, num_experts=4, num_experts_per_tok=1)
     local = launch(config.replace(brain_name="eod-one", gradient_accumulation_steps=2))
     assert local.reason == "end_of_data"
     result = two_workers(config, "eod-two")
@@ -148,46 +148,46 @@ def test_an_out_of_memory_error_on_one_rank_backs_off_both(ray_cluster, config, 
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
 
 
-def test_a_run_resumes_across_world_sizes_with_the_same_sample_stream(ray_cluster, make_config):
-    # 1 worker (2 micro-batches) to step 4, then 2 workers to 6, then 1 worker (the split from the
-    # checkpoint's global batch: 2 accumulation steps of --batch-size 2) to 8; a constant learning rate, so
-    # that the stages' --steps do not change the schedule
-    config = make_config(steps=8, checkpoint_every=3, batch_size=2, halt_exploration_prob=0.5, warmup_steps=0,
-                         min_lr_ratio=1.0)
-    one_worker = launch(config.replace(brain_name="one-worker", gradient_accumulation_steps=2))
+def test_a_run_resumes_across_world_sizes_and_a_stop_seen_by_one_rank_stops_both_after_the_same_step(
+        ray_cluster, constant_lr, tmp_path, monkeypatch):
+    """1 worker (2 micro-batches) to step 4; then 2 workers, of which only rank 1 sees a stop request after
+    step 5: both stop after that step, with one checkpoint; then 1 worker (the split from the checkpoint's
+    global batch: 2 accumulation steps of --batch-size 2) to 8. The run consumes the samples of, and ends bit
+    for bit as, one uninterrupted worker (a constant learning rate: the stages' --steps do not change it)."""
+    config, one_worker = constant_lr
     launch(config.replace(brain_name="elastic", steps=4, gradient_accumulation_steps=2))
-    two_workers(config.replace(resume=True, steps=6), "elastic")
-    final = launch(config.replace(brain_name="elastic", resume=True))
+    monkeypatch.setenv("AIOS_TEST_FAULT", "stop:5")  # only rank 1 sees a stop request, after step 5
+    monkeypatch.setenv("AIOS_TEST_FAULT_ONCE", str(tmp_path / "fired"))
+    monkeypatch.setenv("AIOS_TEST_FAULT_RANK", "1")
+    stopped = two_workers(config.replace(resume=True, steps=6), "elastic")
+    assert (tmp_path / "fired").exists() and (stopped.reason, stopped.step) == ("stop", 5)
+    assert [p.name for p in list_checkpoints(stopped.bundle / "checkpoints")] == [
+        "step-000003", "step-000004", "step-000005"]  # the stop step's, of both ranks (verified when listed)
+    assert [r["reason"] for r in records(stopped.bundle, "stop")] == ["a stop request seen by another worker"]
+    monkeypatch.delenv("AIOS_TEST_FAULT")
+    final = launch(config.replace(brain_name="elastic", resume=True))  # and it goes on as if never stopped
     assert final.step == 8
     ours, theirs = records(final.bundle, "step"), records(one_worker.bundle, "step")
     assert [r["samples_drawn"] for r in ours] == [r["samples_drawn"] for r in theirs]  # the consumed samples
     assert BrainBundle(final.bundle).tracker()["state"] == BrainBundle(one_worker.bundle).tracker()["state"]
     assert_same_weights(one_worker.bundle, final.bundle)  # the reduction order allows it: bit for bit
-    assert [r["grad_accum"] for r in ours] == [2, 2, 2, 2, 1, 1, 2, 2]
+    assert [r["grad_accum"] for r in ours] == [2, 2, 2, 2, 1, 2, 2, 2]
 
 
-def test_rerunning_the_job_with_its_run_name_resumes_it_on_two_workers(ray_cluster, make_config, tmp_path,
+def test_rerunning_the_job_with_its_run_name_resumes_it_on_two_workers(ray_cluster, constant_lr, tmp_path,
                                                                         monkeypatch):
-    config = make_config(steps=8, checkpoint_every=3, batch_size=2, halt_exploration_prob=0.5, warmup_steps=0,
-                         min_lr_ratio=1.0, run_name="job-1")
-    reference = launch(config.replace(brain_name="straight", gradient_accumulation_steps=2))
-    monkeypatch.setenv("AIOS_TEST_FAULT", "raise:5")  # the job fails after step 5 (no --max-failures)
+    """A job that failed after step 5 (rank 0 raised; without --max-failures a failed worker fails the job, with
+    its error) is run again, the same command, and continues from its checkpoint of step 3."""
+    config, reference = constant_lr
+    config = config.replace(run_name="job-1")
+    monkeypatch.setenv("AIOS_TEST_FAULT", "raise:5")
     monkeypatch.setenv("AIOS_TEST_FAULT_ONCE", str(tmp_path / "fired"))
     with pytest.raises(Exception, match="injected failure after step 5"):
         two_workers(config, "rerun")
+    assert (tmp_path / "fired").exists()
     monkeypatch.delenv("AIOS_TEST_FAULT")
     result = two_workers(config, "rerun")  # the same command again: continues from the checkpoint of step 3
     assert (result.step, result.trained_steps) == (8, 5)
     assert_same_weights(reference.bundle, result.bundle)
     assert steps_logged(result.bundle) == list(range(1, 9))
     assert BrainBundle(result.bundle).metadata()["run"]["run_name"] == "job-1"
-
-
-
-def test_a_mixture_of_experts_trains_the_same_on_two_workers(ray_cluster, config):
-    # experts that no token of a rank chose have no gradient there; one that no token at all chose keeps
-    # none (the optimizer skips it on one worker, and must on two)
-    moe = config.replace(steps=4, checkpoint_every=0, use_moe=True, num_experts=4, num_experts_per_tok=1)
-    one = launch(moe.replace(brain_name="moe-one", gradient_accumulation_steps=2))
-    two = two_workers(moe, "moe-two")
-    assert_same_weights(one.bundle, two.bundle)
