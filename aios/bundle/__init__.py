@@ -22,13 +22,16 @@ import platform
 import tempfile
 import time
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from aios.atomic import atomic_write_json, atomic_write_text, fsync_dir, fsync_file
 from aios.errors import AiosError
-from aios.models.hrm_act_v1 import CONFIG_NAME, WEIGHTS_NAME, HRMACTv1
-from aios.paths import HIDDEN_PREFIX
+from aios.paths import CONFIG_NAME, HIDDEN_PREFIX, WEIGHTS_NAME
+
+if TYPE_CHECKING:  # torch and the model load on first use: `aios brains list/push/pull` never need them
+    import torch
+
+    from aios.models.hrm_act_v1 import HRMACTv1
 
 METADATA = "metadata.json"
 TRAINING_ARGS = "training_args.json"
@@ -41,6 +44,7 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 def package_versions() -> dict[str, str]:
     import numpy
     import tokenizers
+    import torch
     import transformers
 
     from aios import __version__
@@ -176,6 +180,8 @@ class BrainBundle:
         return self._read_json(TRACKER)
 
     def load_model(self, device: torch.device | str = "cpu") -> HRMACTv1:
+        from aios.models.hrm_act_v1 import HRMACTv1
+
         try:
             return HRMACTv1.from_pretrained(self.root, device=device)
         except (ValueError, OSError, RuntimeError, KeyError, TypeError) as exc:

@@ -82,8 +82,8 @@ def submit_command(ctx: typer.Context, config: str | None, address: str | None, 
     if not outcome.submitted:
         typer.echo(f"run {spec.run} is already {previous.status} as job {outcome.job_id}: nothing submitted")
     elif previous is not None:
-        typer.echo(f"submitted job {outcome.job_id}: it continues run {spec.run} from its newest checkpoint "
-                   f"(job {previous.submission_id} {previous.status})")
+        typer.echo(f"submitted job {outcome.job_id}: it continues run {spec.run} from its newest checkpoint, if "
+                   f"it has one (job {previous.submission_id} {previous.status})")
     else:
         typer.echo(f"submitted run {spec.run} as job {outcome.job_id}")
     typer.echo(f"Ray dashboard: {jobs.dashboard_url(client, outcome.job_id)}")
@@ -192,7 +192,12 @@ def stop_command(
     if not wait:
         typer.echo(f"job {job_id}: stop requested")
         return
-    status = jobs.wait_for_end(client, job_id)
+    try:
+        status = jobs.wait_for_end(client, job_id)
+    except KeyboardInterrupt:
+        typer.echo(f"job {job_id}: the stop was requested; `aios jobs status {job_id}` shows when it has stopped",
+                   err=True)
+        raise typer.Exit(130) from None
     typer.echo(f"job {job_id} {status}")
     if status not in ("STOPPED", "SUCCEEDED"):
         raise AiosError(f"job {job_id} ended {status} while stopping; see aios jobs logs {job_id}")

@@ -171,8 +171,9 @@ def anywhere_problem(config: TrainingConfig) -> str | None:
 
 def cpus_for_workers(nodes: list[dict], workers: int, *, gpus: bool = False) -> int:
     """The most CPUs per worker with which `workers` workers fit on the alive `nodes` (as ray.nodes() lists them;
-    with `gpus`, also one GPU each), for workers that may run on any node; 1 when they do not fit even so (an
-    autoscaling cluster whose worker nodes are still to come)."""
+    with `gpus`, also one GPU each), for workers that may run on any node; 1 when they do not fit even so (the
+    cluster check that follows then refuses the run in one line, unless an elastic job's minimum fits). Sized
+    by the nodes' total CPUs: a second run on the same cluster waits for the first (--cpus-per-worker shares)."""
     alive = [node.get("Resources", {}) for node in nodes if node.get("Alive")]
     most = max((int(resources.get("CPU", 0)) for resources in alive), default=0)
     for cpus in range(most, 0, -1):

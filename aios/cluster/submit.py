@@ -23,7 +23,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TextIO
 from urllib.parse import urlsplit
 
@@ -36,9 +36,11 @@ BRAIN_KEY = "aios_brain"
 REQUIRED_ENV = "AIOS_REQUIRED_ENV"  # names (comma-separated) the job's environment must provide
 STOP_WAIT_ENV = "RAY_JOB_STOP_WAIT_TIME_S"  # Ray's wait between a stop's SIGTERM and its SIGKILL (default 3 s)
 DEFAULT_STOP_GRACE_S = 120
-# Never uploaded with --working-dir: environments, caches and local brains (a job writes its own elsewhere).
+# Never uploaded with --working-dir (besides what .gitignore and .rayignore leave out, as Ray does): environments,
+# caches, local brains (a job writes its own elsewhere) and the usual homes of credentials.
 WORKING_DIR_EXCLUDES = (".git", ".venv", "venv", "artifacts", ".cache", "__pycache__", "*.pyc", ".pytest_cache",
-                        ".ruff_cache")
+                        ".ruff_cache", ".env", ".env.*", "*.pem", "*.key", ".aws", ".ray", ".kube", ".ssh", ".netrc",
+                        "auth_token")
 ACTIVE = ("PENDING", "RUNNING")
 TOKEN_HELP = ("set RAY_AUTH_MODE=token and give this machine the cluster's token: the file ~/.ray/auth_token, "
               "a file named by $RAY_AUTH_TOKEN_PATH, or $RAY_AUTH_TOKEN (`ray get-auth-token` on the head prints it)")
@@ -121,11 +123,20 @@ def call(what: str, function, *args):
         return function(*args)
     except AuthenticationError as exc:
         raise AiosError(_auth_problem("the cluster", exc)) from None
-    except (RuntimeError, ConnectionError) as exc:
+    except (RuntimeError, OSError, _request_errors()) as exc:  # OSError: the built-in ConnectionError too
         text = str(exc)
         if "does not exist" in text or "status code 404" in text:
             raise AiosError(f"{what}: no such job on this cluster; `aios jobs list` shows its jobs") from None
+        if not isinstance(exc, RuntimeError):  # the cluster went away (a port-forward that ended?)
+            raise AiosError(f"{what}: the cluster stopped answering ({_first_line(exc)}); check the address or "
+                            f"the port-forward, then `aios jobs status`") from None
         raise AiosError(f"{what}: {_first_line(exc)}") from None
+
+
+def _request_errors() -> type[Exception]:
+    import requests
+
+    return requests.exceptions.RequestException
 
 
 # ---- what is submitted ---------------------------------------------------------------------------------
@@ -143,9 +154,16 @@ def job_spec(config: TrainingConfig, *, working_dir: str | None, required_env: l
     """The entrypoint, runtime env and metadata of `config` as a Ray job, checked here first."""
     for flag, value, why in (
             ("--ray-address", config.ray_address, "the job runs on the cluster it is submitted to"),
-            ("--cuda-ids", config.cuda_ids, "the cluster's GPUs are its own (Ray gives each worker one)")):
+            ("--cuda-ids", config.cuda_ids, "the cluster's GPUs are its own (Ray gives each worker one)"),
+            ("--stop-file", config.stop_file, "a file on the cluster's head; `aios jobs stop ID` stops a job")):
         if value is not None:
             raise AiosError(f"{flag} has no effect with aios submit ({why}); drop {flag}")
+    if config.dataset_file is None:
+        raise AiosError("--dataset-file is required: pass the text to train on (a path on the cluster, in "
+                        "--working-dir, or s3://...)")
+    unavailable = config.unavailable_features()
+    if unavailable:
+        raise AiosError(unavailable[0])
     names = []
     for name in required_env:
         if "=" in name:
@@ -159,10 +177,8 @@ def job_spec(config: TrainingConfig, *, working_dir: str | None, required_env: l
     run = config.run_name or config.brain_name  # the run name: a job retried or resubmitted continues it
     config = config.replace(run_name=run, check_paths=False)
     runtime_env: dict = {"env_vars": {STOP_WAIT_ENV: str(stop_grace_s)}}
-    endpoint = config.s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint and _uses_s3(config):
-        _check_no_credentials(endpoint)
-        runtime_env["env_vars"]["AWS_ENDPOINT_URL"] = endpoint
+    if config.s3_endpoint_url:  # (this machine's $AWS_ENDPOINT_URL is not sent: the cluster's may differ)
+        runtime_env["env_vars"]["AWS_ENDPOINT_URL"] = config.s3_endpoint_url
     if names:
         runtime_env["env_vars"][REQUIRED_ENV] = ",".join(dict.fromkeys(names))
     if working_dir is not None:
@@ -176,11 +192,6 @@ def job_spec(config: TrainingConfig, *, working_dir: str | None, required_env: l
     entrypoint = shlex.join(["aios", "hrm-hf", "train-actv1", *config.to_cli_args()])
     return JobSpec(entrypoint=entrypoint, runtime_env=runtime_env, run=run,
                    metadata={RUN_KEY: run, BRAIN_KEY: config.brain_name})
-
-
-def _uses_s3(config: TrainingConfig) -> bool:
-    return any(str(value or "").startswith("s3://")
-               for value in (config.bundle_dir, config.storage_path, config.dataset_file, config.eval_file))
 
 
 def _check_no_credentials(url: str) -> None:
@@ -200,22 +211,22 @@ def _check_paths_in(config: TrainingConfig, root: Path) -> None:
     in it (and not excluded from the upload), a relative output would be lost with the copy."""
     from aios.config.training import flag_name
 
-    for name in _INPUTS:
-        value = getattr(config, name)
+    inputs = [(flag_name(name), getattr(config, name)) for name in _INPUTS]
+    model = config.model  # a tokenizer directory by a relative path (here or in the upload), not a hub id
+    if not os.path.isabs(model) and (os.path.exists(model) or (root / model).exists()):
+        inputs.append(("--model", model))
+    for flag, value in inputs:
         if not value or value.startswith("s3://") or os.path.isabs(value):
             continue
-        flag = flag_name(name)
-        if not glob.glob(str(root / value), recursive=True):
+        matches = [Path(match) for match in glob.glob(str(root / value), recursive=True)]
+        if not matches:
             raise AiosError(f"{flag} {value}: not found in --working-dir {root} (the job reads relative paths "
                             f"from its upload); pass a path inside it, an absolute path on the cluster or s3://")
-        first = PurePosixPath(Path(value).as_posix()).parts[0]
-        if any(PurePosixPath(first).match(pattern) for pattern in WORKING_DIR_EXCLUDES):
-            raise AiosError(f"{flag} {value}: {first}/ is not uploaded with --working-dir (environments, caches "
-                            f"and local brains stay here); move the file or pass an absolute path on the cluster")
-    model = config.model  # a tokenizer directory given by a relative path here must be in the upload too
-    if not os.path.isabs(model) and os.path.exists(model) and not (root / model).exists():
-        raise AiosError(f"--model {model}: a directory here but not in --working-dir {root}; pass a tokenizer "
-                        f"directory inside it, or an absolute path on the cluster")
+        left_out = next((path for path in matches if not _uploaded(root, path)), None)
+        if left_out is not None:
+            raise AiosError(f"{flag} {value}: {left_out.relative_to(root)} is not uploaded with --working-dir (left "
+                            f"out by aios' excludes, .gitignore or .rayignore); move it, unignore it, or pass an "
+                            f"absolute path on the cluster or s3://")
     for name in _OUTPUTS:
         value = getattr(config, name)
         if value and not value.startswith("s3://") and not os.path.isabs(value):
@@ -225,13 +236,46 @@ def _check_paths_in(config: TrainingConfig, root: Path) -> None:
                             f"absolute path on the cluster's disk")
 
 
+def _uploaded(root: Path, path: Path) -> bool:
+    """Whether Ray uploads `path` with working_dir `root`: no exclude pattern and no .gitignore/.rayignore of a
+    folder on the way matches it or a folder above it (the rules of Ray's packaging, which this follows)."""
+    from ray._private.runtime_env.packaging import _get_excludes, get_excludes_from_ignore_files
+
+    include_gitignore = os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"
+    root, path = root.absolute(), path.absolute()
+    excludes = [_get_excludes(root, list(WORKING_DIR_EXCLUDES))]
+    chain = [*reversed(path.relative_to(root).parents), path.relative_to(root)]  # ".", "a", "a/b", ..., path
+    for relative in chain:
+        current = root / relative
+        if any(exclude(current) for exclude in excludes) and current != root:
+            return False
+        if current.is_dir():
+            excludes.extend(get_excludes_from_ignore_files(current, include_gitignore=include_gitignore,
+                                                           logger=_quiet_logger()))
+    return True
+
+
+def _quiet_logger():
+    import logging
+
+    logger = logging.getLogger("aios.submit.ignore-files")
+    logger.setLevel(logging.WARNING)
+    return logger
+
+
 # ---- submitting -----------------------------------------------------------------------------------------
 
-def run_jobs(client, run: str) -> list:
-    """The jobs of `run` on the cluster, oldest first."""
-    jobs = call("listing the cluster's jobs", client.list_jobs)
-    mine = [job for job in jobs if (job.metadata or {}).get(RUN_KEY) == run or job.submission_id == run]
+def run_jobs(jobs: list, spec: JobSpec) -> list:
+    """The jobs (of `jobs`, as list_jobs returns them) of the run `spec` submits, oldest first: the run and
+    brain names of their metadata (a run name belongs to its brain; submission ids are only ids)."""
+    mine = [job for job in jobs if (job.metadata or {}).get(RUN_KEY) == spec.run
+            and (job.metadata or {}).get(BRAIN_KEY) == spec.metadata[BRAIN_KEY]]
     return sorted(mine, key=lambda job: job.start_time or 0)
+
+
+def _active(jobs: list):
+    active = [job for job in jobs if str(job.status) in ACTIVE]
+    return active[-1] if active else None
 
 
 @dataclass(frozen=True)
@@ -242,23 +286,25 @@ class Submitted:
 
 
 def submit(client, spec: JobSpec) -> Submitted:
-    """Submit `spec` unless its run is already pending or running; never fails on a taken submission id."""
-    jobs = run_jobs(client, spec.run)
-    latest = jobs[-1] if jobs else None
-    if latest is not None and str(latest.status) in ACTIVE:
-        return Submitted(job_id=latest.submission_id, submitted=False, previous=latest)
-    taken = {job.submission_id for job in call("listing the cluster's jobs", client.list_jobs)}
+    """Submit `spec` unless a job of its run is pending or running (then that job is reported); never fails on
+    a taken submission id."""
     for _ in range(3):  # another submitter may take the id between the listing and the submission
-        job_id = _free_id(spec.run, taken)
+        jobs = call("listing the cluster's jobs", client.list_jobs)
+        mine = run_jobs(jobs, spec)
+        active = _active(mine)
+        if active is not None:  # (also when another submitter has just submitted this run)
+            return Submitted(job_id=active.submission_id, submitted=False, previous=active)
+        job_id = _free_id(spec.run, {job.submission_id for job in jobs})
         try:
             client.submit_job(entrypoint=spec.entrypoint, runtime_env=spec.runtime_env, metadata=spec.metadata,
                               submission_id=job_id)
         except RuntimeError as exc:
             if "already exists" in str(exc):
-                taken.add(job_id)
-                continue
+                continue  # taken since the listing: look again
             raise AiosError(f"submitting run {spec.run}: {_first_line(exc)}") from None
-        return Submitted(job_id=job_id, submitted=True, previous=latest)
+        except (OSError, _request_errors()) as exc:
+            raise AiosError(f"submitting run {spec.run}: the cluster stopped answering ({_first_line(exc)})") from None
+        return Submitted(job_id=job_id, submitted=True, previous=mine[-1] if mine else None)
     raise AiosError(f"submitting run {spec.run}: its submission ids kept being taken by other submitters; retry")
 
 
@@ -285,9 +331,15 @@ def follow_logs(client, job_id: str, out: TextIO = sys.stdout) -> None:
     logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)  # not its "WebSocket closed"
     try:
         asyncio.run(tail())
-    except RuntimeError as exc:  # the connection closed before the job ended (the head restarted?)
+    except (RuntimeError, OSError, _client_errors()) as exc:  # the connection closed before the job ended
         raise AiosError(f"following job {job_id}: {_first_line(exc)}; `aios jobs logs {job_id}` shows what "
                         f"was written") from None
+
+
+def _client_errors() -> type[Exception]:
+    import aiohttp
+
+    return aiohttp.ClientError
 
 
 def wait_for_end(client, job_id: str, *, poll_s: float = 1.0, say=None) -> str:

@@ -34,13 +34,12 @@ from torch.utils.checkpoint import checkpoint
 
 from aios.atomic import atomic_write, atomic_write_json
 from aios.hashing import tensors_digest
+from aios.paths import CONFIG_NAME, WEIGHTS_NAME  # the bundle's file names (defined with its paths)
 
 log = logging.getLogger(__name__)
 
 IGNORE_LABEL_ID = -100
 MODEL_TYPE = "hrm_act_v1"
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 # How the model runs, not what it is: set per run (`HRMACTv1(config, gradient_checkpointing=...)`), never
 # saved in config.json, so toggling them keeps the model's identity (and a resume) intact.
 RUNTIME_KEYS = ("gradient_checkpointing", "use_flash_attn")

@@ -160,7 +160,7 @@ def test_submit_watch_stop_and_resubmit_a_run(head, project, token, tmp_path):
     args = [a for a in args if not a.startswith("--steps=")] + [f"--steps={stop_step + 2}"]
     resumed = aios(*args, "--follow", token=token)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "submitted job sub-2: it continues run sub from its newest checkpoint (job sub STOPPED)" \
+    assert "submitted job sub-2: it continues run sub from its newest checkpoint, if it has one (job sub STOPPED)" \
         in resumed.stdout
     followed = " ".join(resumed.stdout.split())  # the job's log, its lines wrapped at 80 columns
     assert "run 'sub' has trained brain 'sub' before: continuing it from its newest checkpoint" in followed
@@ -180,7 +180,7 @@ def test_submit_watch_stop_and_resubmit_a_run(head, project, token, tmp_path):
     # Once more: a new job, which finds the run done: no failure, nothing retrained.
     done = aios(*args, token=token)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "submitted job sub-3: it continues run sub from its newest checkpoint (job sub-2 SUCCEEDED)" in done.stdout
+    assert "submitted job sub-3: it continues run sub from its newest checkpoint, if it has one (job sub-2 SUCCEEDED)" in done.stdout
     logs = aios("jobs", "logs", "sub-3", "--address", head.address, token=token).stdout
     assert f"brain 'sub' is at step {stop_step + 2}; --steps {stop_step + 2} is already reached" in logs, logs
 
