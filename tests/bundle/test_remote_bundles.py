@@ -192,13 +192,20 @@ def test_generate_opens_a_remote_brain_through_a_cached_copy_renewed_by_a_push(s
     no_secret(first, again, listed)
 
 
-@pytest.mark.parametrize("planted", ["../outside.txt", "/tmp/absolute.txt", ".hidden/x", "checkpoints/../../up"])
-def test_a_listing_naming_a_path_outside_the_bundle_is_refused_before_anything_is_written(s3, brain, tmp_path,
-                                                                                         planted):
+@pytest.fixture(scope="module")
+def planted_push(s3, brain) -> dict:
+    """The brain pushed once for the tests below: its LATEST.json as the push wrote it (each test writes its
+    own edited copy over it, so none sees another's)."""
     aios("brains", "push", "pushed", "--bundle-dir", brain.parent, "--to", f"s3://{BUCKET}/planted",
          "--no-checkpoints")
+    return json.loads(s3["client"].get_object(Bucket=BUCKET, Key="planted/pushed/LATEST.json")["Body"].read())
+
+
+@pytest.mark.parametrize("planted", ["../outside.txt", "/tmp/absolute.txt", ".hidden/x", "checkpoints/../../up"])
+def test_a_listing_naming_a_path_outside_the_bundle_is_refused_before_anything_is_written(s3, planted_push,
+                                                                                         tmp_path, planted):
     key = "planted/pushed/LATEST.json"
-    record = json.loads(s3["client"].get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    record = json.loads(json.dumps(planted_push))  # a copy
     some = next(iter(record["files"].values()))
     record["files"][planted] = some  # whoever can write the bucket can write this record
     s3["client"].put_object(Bucket=BUCKET, Key=key, Body=json.dumps(record).encode())
