@@ -272,3 +272,21 @@ def test_relative_paths_mean_the_driver_s_working_directory_and_ctrl_c_stops_the
     assert [r["reason"] for r in records if r["event"] == "stop"] == ["SIGINT"]
     assert [p.name for p in list_checkpoints(tmp_path / "brains" / "relative" / "checkpoints")] == [
         f"step-{result.step:06d}"]  # the stop step's, where the relative --bundle-dir says
+
+
+def test_aios_submit_to_a_cluster_without_token_authentication(ray_cluster, small_text, tmp_path):
+    """This module's cluster runs with RAY_AUTH_MODE=disabled: a client with no token configured submits to it,
+    lists and stops its jobs (a cluster with token authentication: tests/cluster/test_submit.py)."""
+    from tests.cluster.test_submit import TINY, aios
+    from tests.train.conftest import TOKENIZER
+
+    address = "http://" + ray_cluster._private.worker._global_node.address_info["webui_url"]
+    submitted = aios("submit", "--address", address, "--dataset-file", str(small_text), "--model", str(TOKENIZER),
+                     "--bundle-dir", str(tmp_path / "brains"), "--brain-name", "open", "--steps", "1000", "--no-wait",
+                     *TINY, token=None)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    assert "submitted run open as job open" in submitted.stdout
+    listed = aios("jobs", "list", "--address", address, token=None)
+    assert listed.returncode == 0 and listed.stdout.splitlines()[1].split()[0::2][:2] == ["open", "open"], listed.stdout
+    stopped = aios("jobs", "stop", "open", "--address", address, token=None, timeout=120)
+    assert stopped.returncode == 0 and "job open STOPPED" in stopped.stdout, stopped.stdout + stopped.stderr

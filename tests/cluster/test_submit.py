@@ -1,5 +1,6 @@
 """`aios submit` and `aios jobs` against a real Ray head (`ray start --head` on 127.0.0.1, token authentication
-on, started and stopped by the test): submit, watch, stop, resubmit; secrets never leave this machine.
+on, started and stopped by the test): submit, watch, stop, resubmit; secrets never leave this machine. (A cluster
+without token authentication: tests/cluster/test_ray_job.py, on its module's cluster.)
 
 Every command runs as a user runs it: the `aios` executable in a subprocess, with a timeout."""
 
@@ -240,15 +241,3 @@ def test_a_missing_or_wrong_token_is_one_line(head, tmp_path):
     wrong.write_text(secrets.token_hex(32))
     refused = aios("jobs", "list", "--address", head.address, token=wrong)
     assert refused.returncode != 0 and "refused this machine's Ray token" in one_line(refused)
-
-
-def test_a_cluster_without_token_authentication(tmp_path):
-    """A cluster started with RAY_AUTH_MODE=disabled takes and stops jobs from a client with no token."""
-    with ray_head(tmp_path, env={"RAY_AUTH_MODE": "disabled"}, num_cpus=1) as open_head:
-        result = aios("submit", "--address", open_head.address, "--dataset-file", str(SAMPLE), "--model",
-                      str(TOKENIZER), "--bundle-dir", str(tmp_path / "brains"), "--brain-name", "open",
-                      "--steps", "1000", "--no-wait", *TINY, token=None)
-        assert result.returncode == 0, result.stdout + result.stderr
-        assert "submitted run open as job open" in result.stdout
-        stopped = aios("jobs", "stop", "open", "--address", open_head.address, token=None, timeout=120)
-        assert stopped.returncode == 0 and "job open STOPPED" in stopped.stdout, stopped.stdout + stopped.stderr
