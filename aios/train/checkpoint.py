@@ -29,16 +29,19 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from safetensors.torch import load_file, save_file
 
 from aios import jsonio
 from aios.atomic import exchange_dirs, fsync_dir, fsync_file
 from aios.errors import AiosError
 from aios.hashing import sha256_file
-from aios.models.hrm_act_v1 import ACTCarry
+
+if TYPE_CHECKING:  # torch is imported where tensors are read or written: listing and verifying need none
+    import torch
+
+    from aios.models.hrm_act_v1 import ACTCarry
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +72,8 @@ def capture_rng_state(device: torch.device) -> dict:
     """RNG states as tensors and plain types, loadable with torch.load(weights_only=True): torch's CPU
     generator, numpy's, python's, and the generator of the CUDA device this rank trains on (only that one:
     a resume may see another number of GPUs; a CPU run never touches CUDA)."""
+    import torch
+
     np_state = np.random.get_state()
     py_state = random.getstate()
     state = {
@@ -82,6 +87,8 @@ def capture_rng_state(device: torch.device) -> dict:
 
 
 def restore_rng_state(state: dict, device: torch.device) -> None:
+    import torch
+
     torch.set_rng_state(state["torch"])
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
@@ -97,6 +104,9 @@ def restore_rng_state(state: dict, device: torch.device) -> None:
 def write_checkpoint_files(directory: Path, *, rank: int, model: torch.nn.Module | None, optimizer_state: dict | None,
                            rng_state: dict, carries: list[ACTCarry], sampler_state: dict, state: dict | None) -> None:
     """Write this rank's files into `directory` (rank 0 also writes the shared ones), flushed to disk."""
+    import torch
+    from safetensors.torch import save_file
+
     directory.mkdir(parents=True, exist_ok=True)
     if model is not None:
         weights = {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.detach().cpu()
@@ -378,6 +388,9 @@ def read_checkpoint(directory: Path, rank: int, slots: tuple[int, int], device: 
     slots [slots[0], slots[1]) from the saved ranks that held them (slot s was on saved rank s // R, R its
     rows per rank). Any file that does not load (a value torch's weights_only loader refuses, a broken
     safetensors header, bad JSON) raises CheckpointUnusable."""
+    import torch
+    from safetensors.torch import load_file
+
     from aios.data import merge_sampler_states
 
     state = read_state(directory)
