@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import glob
+import logging
 import os
 import re
 import shlex
@@ -255,9 +256,7 @@ def _uploaded(root: Path, path: Path) -> bool:
     return True
 
 
-def _quiet_logger():
-    import logging
-
+def _quiet_logger() -> logging.Logger:
     logger = logging.getLogger("aios.submit.ignore-files")
     logger.setLevel(logging.WARNING)
     return logger
@@ -325,8 +324,6 @@ def follow_logs(client, job_id: str, out: TextIO = sys.stdout) -> None:
         async for chunk in client.tail_job_logs(job_id):
             out.write(chunk)
             out.flush()
-
-    import logging
 
     logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)  # not its "WebSocket closed"
     try:
