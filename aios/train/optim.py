@@ -71,21 +71,21 @@ class BuiltOptimizer:
 
 def build_optimizer(model: torch.nn.Module, *, name: str, lr: float, weight_decay: float,
                     use_8bit: bool, device: torch.device) -> BuiltOptimizer:
-    """AdamW (fused where available), AdamATan2, or bitsandbytes' 8-bit AdamW on CUDA.
+    """AdamW (fused where available), AdamATan2, or bitsandbytes' 8-bit AdamW (CUDA or CPU: bitsandbytes >=
+    0.50 has a CPU backend). Its moments are blockwise-quantized to one byte each (2 bytes a parameter, not 8),
+    for tensors of at least 4096 elements; smaller ones keep 32-bit state.
 
     `kind` names the optimizer actually built (after any fallback): its state only loads into the same kind.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if use_8bit:
         if name != "adamw":
-            log.warning("--use-8bit-optimizer applies to adamw only; using the full-precision %s", name)
-        elif device.type != "cuda":
-            log.warning("--use-8bit-optimizer needs CUDA (bitsandbytes); falling back to full-precision AdamW")
+            log.warning("--use-8bit-optimizer applies to --optimizer adamw only; using the full-precision %s", name)
         else:
             try:
                 import bitsandbytes as bnb
             except ImportError:
-                log.warning("--use-8bit-optimizer: bitsandbytes is not installed (pip install 'aios[gpu]'); "
+                log.warning("--use-8bit-optimizer: bitsandbytes is not installed (pip install 'bitsandbytes>=0.50'); "
                             "falling back to full-precision AdamW")
             else:
                 return BuiltOptimizer(bnb.optim.AdamW8bit(params, lr=lr, betas=BETAS, weight_decay=weight_decay),
@@ -102,7 +102,7 @@ def build_optimizer(model: torch.nn.Module, *, name: str, lr: float, weight_deca
 def optimizer_kind_hint(kind: str) -> str:
     """The flags that give an optimizer of `kind`, for messages."""
     return {"adamw": "--optimizer adamw without --use-8bit-optimizer",
-            "adamw-8bit": "--optimizer adamw --use-8bit-optimizer on a CUDA host with bitsandbytes",
+            "adamw-8bit": "--optimizer adamw --use-8bit-optimizer (with bitsandbytes installed)",
             "adam-atan2": "--optimizer adam-atan2"}.get(kind, f"the optimizer {kind}")
 
 

@@ -39,7 +39,7 @@ def test_defaults_are_valid_and_as_documented():
     config = TrainingConfig()
     assert (config.model, config.dataset_file, config.hidden_size, config.num_heads) == ("gpt2", None, 512, 8)
     assert (config.steps, config.batch_size, config.lr, config.optimizer) == (200, 8, 1e-4, "adamw")
-    assert (config.gradient_checkpointing, config.amp, config.progress) == (True, None, True)  # amp None = auto
+    assert (config.gradient_checkpointing, config.amp, config.progress) == (False, None, True)  # amp None = auto
     assert (config.brain_name, config.bundle_dir, config.device) == ("default", "artifacts/brains/actv1", "auto")
     assert config.unavailable_features() == []
 

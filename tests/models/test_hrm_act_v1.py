@@ -171,6 +171,38 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(p1.grad, p2.grad, msg=name)
 
 
+def saved_activation_bytes(model: HRMACTv1, batch: dict[str, torch.Tensor], amp: bool = False) -> int:
+    """Bytes the forward pass keeps for backward (what --gradient-checkpointing and --amp are there to cut);
+    parameters, which autograd also references, are not counted."""
+    params = {p.data_ptr() for p in model.parameters()}
+    saved = []
+
+    def pack(tensor):
+        if tensor.data_ptr() not in params:
+            saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        carry, out = model(model.initial_carry(batch), batch)
+        act_loss(carry, out, model.config)[0].backward()
+    return sum(saved)
+
+
+def test_gradient_checkpointing_and_amp_keep_fewer_activation_bytes_for_backward():
+    """The one-step gradient keeps only the last L and H pass in the graph; checkpointing keeps just each
+    block's input of it, bf16 autocast keeps the matmul inputs at half width."""
+    torch.manual_seed(0)
+    config = tiny_config(hidden_size=64, seq_len=32, H_layers=2, L_layers=2)
+    plain = HRMACTv1(config)
+    ckpt = HRMACTv1(config, gradient_checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    batch = lm_batch(config, rows=4)
+    full = saved_activation_bytes(plain, batch)
+    assert saved_activation_bytes(ckpt, batch) < 0.5 * full
+    assert saved_activation_bytes(plain, batch, amp=True) < 0.85 * full
+
+
 # --- causal LM mode ----------------------------------------------------------------------------------
 
 
@@ -214,15 +246,20 @@ def test_sliding_window_mask_keeps_the_w_most_recent_keys():
     assert mask[5].tolist() == [False, False, False, True, True, True]
 
 
-def test_windowed_attention_matches_an_explicit_softmax():
+@pytest.mark.parametrize("causal, window", [(True, 3), (True, None), (False, None)])
+@pytest.mark.parametrize("use_flash", [False, True])  # flash asked for: SDPA serves it on CPU, the same maths
+def test_attention_matches_an_explicit_softmax(causal, window, use_flash):
+    """The semantics every backend must share (bench/gpu_check.sh holds flash-attn to them on CUDA): causal
+    keys j <= i, and with a window w only the w most recent, i - w < j <= i; no mask when not causal."""
     torch.manual_seed(0)
-    config = tiny_config(window_size=3)
+    config = tiny_config(causal=causal, window_size=window)
     attn = Attention(config)
+    attn.use_flash = use_flash
     x = torch.randn(2, 8, 32)
     out = attn(x, None)
     q, k, v = attn.qkv_proj(x).view(2, 8, 12, 8).split(4, dim=2)
     scores = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(8)
-    allowed = torch.tensor([[i - 3 < j <= i for j in range(8)] for i in range(8)])
+    allowed = torch.tensor([[(not causal) or (i - (window or 8) < j <= i) for j in range(8)] for i in range(8)])
     probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
     expected = attn.o_proj(torch.einsum("bhij,bjhd->bihd", probs, v).reshape(2, 8, 32))
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

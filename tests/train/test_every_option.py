@@ -61,7 +61,7 @@ CHECKED_BY = {
     "amp": f"{HERE}::test_amp_sets_the_autocast_dtype_really_used",
     "compile": f"{HERE}::test_compile_compiles_the_trainer_s_segments",
     "amp_dtype": "tests.train.test_options::test_amp_bf16_trains_on_cpu_and_fp16_falls_back_loudly",
-    "use_8bit_optimizer": "tests.train.test_optim::test_optimizer_choice_and_loud_8bit_fallback",
+    "use_8bit_optimizer": "tests.train.test_memory_options::test_8bit_adamw_keeps_one_byte_moments_and_resumes_bitwise",
     **{name: "tests.config.test_training_config::test_unavailable_features_are_named_not_ignored" for name in (
         "zero_stage", "expert_id")},
     "cuda_ids": "tests.train.test_options::test_cuda_ids_choose_the_gpus_and_are_refused_where_there_are_none",
