@@ -6,8 +6,10 @@
                                 stop file
     AIOS_TEST_FAULT=oom:K       a worker runs out of memory (torch.cuda.OutOfMemoryError) in the first forward
                                 of step K
+    AIOS_TEST_FAULT=oom:K,raise:J  several, comma-separated, each firing once
     AIOS_TEST_FAULT_ONCE=PATH   required with it: the fault fires only while PATH does not exist (it is
-                                created, durably, just before), so the restarted workers run through
+                                created, durably, just before), so the restarted workers run through; with
+                                several faults, the i-th (from 0) uses PATH.i
     AIOS_TEST_FAULT_RANK=R      the rank that fails (default 0)
     AIOS_TEST_STEP_SLEEP_S=S    every worker sleeps S seconds after each step (alone or with a fault) while
     AIOS_TEST_SLEEP_WHILE=PATH  PATH exists (always, without it): a test paces the job while it changes the
@@ -84,13 +86,31 @@ def callbacks_from_env() -> TrainCallbacks | None:
     return SleepAfterStep(float(sleep), os.environ.get("AIOS_TEST_SLEEP_WHILE"), fault) if sleep else fault
 
 
+class AllOf(TrainCallbacks):
+    def __init__(self, callbacks: list[TrainCallbacks]):
+        self.callbacks = callbacks
+
+    def at(self, trainer, point: str, micro_step: int | None) -> None:
+        for callback in self.callbacks:
+            callback.at(trainer, point, micro_step)
+
+    def after_step(self, trainer, record: dict) -> None:
+        for callback in self.callbacks:
+            callback.after_step(trainer, record)
+
+
 def _fault_from_env() -> TrainCallbacks | None:
     spec = os.environ.get("AIOS_TEST_FAULT")
     if not spec:
         return None
-    kind, _, step = spec.partition(":")
     once_file = os.environ.get("AIOS_TEST_FAULT_ONCE")
-    if kind not in KINDS or not step.isdigit() or not once_file:
-        raise ValueError(f"AIOS_TEST_FAULT={spec!r}: expected one of {', '.join(k + ':K' for k in KINDS)} with "
-                         f"AIOS_TEST_FAULT_ONCE set")
-    return FaultAfterStep(kind, int(step), once_file, int(os.environ.get("AIOS_TEST_FAULT_RANK", "0")))
+    rank = int(os.environ.get("AIOS_TEST_FAULT_RANK", "0"))
+    faults = []
+    parts = spec.split(",")
+    for i, part in enumerate(parts):
+        kind, _, step = part.partition(":")
+        if kind not in KINDS or not step.isdigit() or not once_file:
+            raise ValueError(f"AIOS_TEST_FAULT={spec!r}: expected one or more (comma-separated) of "
+                             f"{', '.join(k + ':K' for k in KINDS)} with AIOS_TEST_FAULT_ONCE set")
+        faults.append(FaultAfterStep(kind, int(step), once_file if len(parts) == 1 else f"{once_file}.{i}", rank))
+    return faults[0] if len(faults) == 1 else AllOf(faults)

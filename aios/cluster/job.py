@@ -26,6 +26,7 @@ import ray
 import torch
 from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 
 from aios.bundle import BrainBundle
 from aios.cluster import faults
@@ -90,6 +91,16 @@ def run_on_ray(config: TrainingConfig, bundle: BrainBundle, *, require_checkpoin
                        trained_steps=data["trained_steps"], plot=Path(data["plot"]) if data["plot"] else None)
 
 
+class _Trainer(TorchTrainer):
+    """TorchTrainer without the Ray Data callback when no Ray Dataset is given (aios reads its own prepared
+    chunks): that callback starts a DatasetManager actor, and Ray Data an autoscaling coordinator, at every
+    start of the worker group: two more processes importing Ray Data, for nothing."""
+
+    def _create_default_callbacks(self):
+        callbacks = super()._create_default_callbacks()
+        return [c for c in callbacks if self.datasets or not isinstance(c, DatasetsCallback)]
+
+
 def _torch_trainer(config: TrainingConfig, checkpoints: Path | RemoteCheckpoints, channel, *,
                    require_checkpoint: bool, staging_root: Path | None, data: dict | None = None) -> TorchTrainer:
     workers = config.max_workers
@@ -121,7 +132,7 @@ def _torch_trainer(config: TrainingConfig, checkpoints: Path | RemoteCheckpoints
                             f"{node_cpus}: lower --cpus-per-worker or --world-size")
         # On the driver's node: the bundle, checkpoints or prepared data are on its disk (see anywhere_problem).
         scaling = dict(num_workers=workers, resources_per_worker={"CPU": cpus}, label_selector={NODE_ID_LABEL: node_id})
-    return TorchTrainer(
+    return _Trainer(
         _train_worker,
         train_loop_config={
             "config": config.to_dict(), "cwd": os.getcwd(), "threads": cpus, "channel": channel,

@@ -238,7 +238,7 @@ def test_to_cli_args_round_trips_every_field(corpus):
         "min_lr_ratio": 1.0, "warmup_steps": 0, "weight_decay": 0.0, "grad_clip": 0.5, "optimizer": "adam-atan2",
         "gradient_accumulation_steps": 4, "iterate": True, "stop_file": "STOP", "resume": True, "seed": 7,
         "log_file": "m.jsonl", "checkpoint_every": 0, "keep_checkpoints": 1, "progress": False,
-        "gradient_checkpointing": False, "amp": False, "use_8bit_optimizer": True, "compile": True, "ddp": True,
+        "gradient_checkpointing": True, "amp": False, "use_8bit_optimizer": True, "compile": True, "ddp": True,
         "cuda_ids": "2,3", "world_size": "1-2", "zero_stage": "zero3", "expert_id": "e1",
         "parallel_independent": True, "device": "cuda", "launcher": "ray",
         "max_failures": 2, "cpus_per_worker": 1, "preemption_check_every": 3, "bundle_dir": "s3://bucket/brains",

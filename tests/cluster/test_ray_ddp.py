@@ -100,25 +100,6 @@ def test_two_workers_train_bit_for_bit_what_one_worker_accumulating_trains(ray_c
     assert "carry-rank1.safetensors" in verify_checkpoint(checkpoint)
 
 
-# A SIGKILLed worker of two: tests/cluster/test_ray_s3.py (the same run, its checkpoints on S3); a SIGKILLed
-# worker of one: test_ray_job.py. Each 2-worker restart costs a minute of CI on 2 cores.
-@pytest.mark.parametrize("fault", ["raise"])
-def test_a_failed_worker_of_two_is_restarted_to_the_same_weights(ray_cluster, config, one_worker, tmp_path,
-                                                                 monkeypatch, fault):
-    once = tmp_path / f"fault-{fault}-fired"
-    monkeypatch.setenv("AIOS_TEST_FAULT", f"{fault}:5")  # after step 5: the checkpoint of step 3 is the newest
-    monkeypatch.setenv("AIOS_TEST_FAULT_ONCE", str(once))
-    monkeypatch.setenv("AIOS_TEST_FAULT_RANK", "1")
-    result = two_workers(config, f"fault-{fault}", max_failures=1)
-    assert once.exists()
-    assert (result.reason, result.step, result.trained_steps) == ("steps", 8, 5)
-    assert_same_weights(one_worker.bundle, result.bundle)
-    assert steps_logged(result.bundle) == list(range(1, 9))
-    assert BrainBundle(result.bundle).metadata()["run"]["ray_restarts"] == 1
-    shown = aios("brains", "show", f"fault-{fault}", "--bundle-dir", result.bundle.parent).stdout
-    assert table_rows(shown)["trained by"] == "ray, 2 workers (1 restart)"
-
-
 def test_the_end_of_the_data_on_one_rank_ends_both_before_the_step_and_experts_train_the_same(
         ray_cluster, make_config, small_text, tmp_path):
     """The end of the data, with a mixture of experts: experts that no token of a rank chose have no gradient
@@ -134,18 +115,30 @@ def test_the_end_of_the_data_on_one_rank_ends_both_before_the_step_and_experts_t
     assert_same_weights(local.bundle, result.bundle)
 
 
-def test_an_out_of_memory_error_on_one_rank_backs_off_both(ray_cluster, config, one_worker, tmp_path, monkeypatch):
-    monkeypatch.setenv("AIOS_TEST_FAULT", "oom:3")  # rank 1 only, in the first forward of step 3
+# A SIGKILLed worker of two: tests/cluster/test_ray_s3.py (the same run, its checkpoints on S3); a SIGKILLed
+# worker of one: test_ray_job.py; a raise without --max-failures, rerun: test_rerunning_the_job_... below.
+# Each 2-worker job costs most of a minute of CI on 2 cores, so one job takes both faults here.
+def test_an_out_of_memory_error_on_one_rank_backs_off_both_and_a_failed_worker_of_two_is_restarted(
+        ray_cluster, config, one_worker, tmp_path, monkeypatch):
+    """Rank 1 runs out of memory in the first forward of step 3: both ranks retry the step at micro-batch 1 x 2
+    (the same samples); rank 1 then raises after step 5: the job restarts from the checkpoint of step 3 (its
+    split kept) and ends at step 8."""
+    monkeypatch.setenv("AIOS_TEST_FAULT", "oom:3,raise:5")  # rank 1 only
     monkeypatch.setenv("AIOS_TEST_FAULT_ONCE", str(tmp_path / "fired"))
     monkeypatch.setenv("AIOS_TEST_FAULT_RANK", "1")
-    result = two_workers(config, "oom-one-rank")
-    assert (tmp_path / "fired").exists() and (result.reason, result.step) == ("steps", 8)
+    result = two_workers(config, "oom-then-raise", max_failures=1)
+    assert (tmp_path / "fired.0").exists() and (tmp_path / "fired.1").exists()
+    assert (result.reason, result.step, result.trained_steps) == ("steps", 8, 5)
     steps = records(result.bundle, "step")
+    assert [r["step"] for r in steps] == list(range(1, 9))  # steps 4 and 5 of the failed attempt dropped
     assert [(r["micro_batch"], r["grad_accum"]) for r in steps] == [(2, 1)] * 2 + [(1, 2)] * 6  # both ranks
     reference = records(one_worker.bundle, "step")
     assert [r["samples_drawn"] for r in steps] == [r["samples_drawn"] for r in reference]  # the same order
     for a, b in zip(steps, reference, strict=True):  # the same batch, summed in another order from step 3
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert BrainBundle(result.bundle).metadata()["run"]["ray_restarts"] == 1
+    shown = aios("brains", "show", "oom-then-raise", "--bundle-dir", result.bundle.parent).stdout
+    assert table_rows(shown)["trained by"] == "ray, 2 workers (1 restart)"
 
 
 def test_a_run_resumes_across_world_sizes_and_a_stop_seen_by_one_rank_stops_both_after_the_same_step(

@@ -49,14 +49,18 @@ def local_run(config):
 
 
 def test_world_size_1_on_ray_trains_what_the_local_launcher_trains(ray_cluster, config, local_run):
-    result = launch(config.replace(brain_name="on-ray", launcher="ray"))
+    """And Ray prunes nothing itself: aios keeps the newest --keep-checkpoints intact ones."""
+    result = launch(config.replace(brain_name="on-ray", launcher="ray", keep_checkpoints=2))
     assert (result.reason, result.step, result.trained_steps) == ("steps", 8, 8)
     assert result.final_eval["loss"] == local_run.final_eval["loss"]
     assert_same_weights(local_run.bundle, result.bundle)
     # Ray's run directory is the bundle's checkpoints/: the same step-N layout as the local launcher's
-    assert [p.name for p in list_checkpoints(result.bundle / "checkpoints")] == [
-        p.name for p in list_checkpoints(local_run.bundle / "checkpoints")] == ["step-000003", "step-000006",
-                                                                                 "step-000008"]
+    assert [p.name for p in list_checkpoints(local_run.bundle / "checkpoints")] == ["step-000003", "step-000006",
+                                                                                   "step-000008"]
+    checkpoints = result.bundle / "checkpoints"
+    assert [p.name for p in list_checkpoints(checkpoints)] == ["step-000006", "step-000008"]
+    assert not [p for p in checkpoints.iterdir() if p.name.startswith(".staging-")]  # staging cleaned
+    assert actors("DatasetManager") == 0  # no Ray Dataset, no Ray Data actors (aios.cluster.job._Trainer)
     assert steps_logged(result.bundle) == list(range(1, 9))
     assert (result.bundle / "training_curves.png").is_file()
     assert BrainBundle(result.bundle).metadata()["run"] == {
@@ -65,7 +69,7 @@ def test_world_size_1_on_ray_trains_what_the_local_launcher_trains(ray_cluster, 
 
 
 def test_too_many_cpus_per_worker_are_refused(ray_cluster, config):
-    # that --cpus-per-worker sets the worker's CPUs and threads: test_ray_prunes_nothing_itself_... (its job)
+    # that --cpus-per-worker sets the worker's CPUs and threads: test_the_stop_file_stops_the_worker_... (its job)
     with pytest.raises(AiosError, match="2 workers x 2 CPUs need 4 CPUs on this node, which has 2: lower "
                                         "--cpus-per-worker or --world-size"):
         launch(config.replace(brain_name="too-many", launcher="ray", world_size=2, cpus_per_worker=2))
@@ -88,10 +92,11 @@ def test_a_failed_worker_is_restarted_from_the_newest_checkpoint_to_the_same_wei
     assert BrainBundle(result.bundle).metadata()["run"]["ray_restarts"] == 1
 
 
-def worker_actors() -> int:
+def actors(class_name: str) -> int:
+    """Actors of that class this cluster has started, alive or not."""
     from ray.util.state import list_actors
 
-    return len(list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10_000))
+    return len(list_actors(filters=[("class_name", "=", class_name)], limit=10_000))
 
 
 def test_a_worker_refusal_is_raised_as_it_is_and_not_retried(ray_cluster, config, local_run, small_text, tmp_path):
@@ -101,23 +106,12 @@ def test_a_worker_refusal_is_raised_as_it_is_and_not_retried(ray_cluster, config
     resume = config.replace(brain_name="refused", resume=True, steps=10, dataset_file=str(other))
     with pytest.raises(AiosError) as in_process:
         launch(resume)
-    before = worker_actors()
+    before = actors("RayTrainWorker")
     with pytest.raises(AiosError) as on_ray:
         launch(resume.replace(launcher="ray", max_failures=2))
     # the Trainer's own refusal, as the local launcher gives it, not Ray's wrapping of it
     assert str(on_ray.value) == str(in_process.value) and "trained on other data" in str(on_ray.value)
-    assert worker_actors() - before == 1  # one worker: a refusal is the same on every retry
-
-
-def test_ray_prunes_nothing_itself_and_keeps_the_newest_intact_checkpoints(ray_cluster, config):
-    """And --cpus-per-worker sets the worker's CPUs and its torch threads (the default is the node's CPUs:
-    test_world_size_1_on_ray_...)."""
-    result = launch(config.replace(brain_name="keep", launcher="ray", checkpoint_every=2, keep_checkpoints=2,
-                                   cpus_per_worker=1))
-    checkpoints = result.bundle / "checkpoints"
-    assert [p.name for p in list_checkpoints(checkpoints)] == ["step-000006", "step-000008"]
-    assert not [p for p in checkpoints.iterdir() if p.name.startswith(".staging-")]  # staging cleaned
-    assert BrainBundle(result.bundle).metadata()["run"]["torch_threads"] == 1
+    assert actors("RayTrainWorker") - before == 1  # one worker: a refusal is the same on every retry
 
 
 def test_launchers_take_turns_on_one_brain_and_end_where_in_process_turns_end(ray_cluster, config):
@@ -216,9 +210,11 @@ def test_data_that_cannot_be_prepared_is_refused_before_any_cluster_starts(confi
 
 
 def test_the_stop_file_stops_the_worker_and_is_removed(ray_cluster, config, tmp_path):
+    """And --cpus-per-worker sets the worker's CPUs and its torch threads (the default is the node's CPUs:
+    test_world_size_1_on_ray_...)."""
     stop_file = tmp_path / "STOP"
     run = config.replace(brain_name="stop-file", launcher="ray", steps=100_000, checkpoint_every=0, iterate=True,
-                         stop_file=str(stop_file))
+                         stop_file=str(stop_file), cpus_per_worker=1)
     metrics = Path(run.bundle_dir) / "stop-file" / "metrics.jsonl"
 
     def stop_after_three_steps():
@@ -232,6 +228,7 @@ def test_the_stop_file_stops_the_worker_and_is_removed(ray_cluster, config, tmp_
     assert result.reason == "stop" and 3 <= result.step < 1000
     assert not stop_file.exists()  # it appeared during the run: removed, so a --resume does not stop at once
     assert [p.name for p in list_checkpoints(metrics.parent / "checkpoints")] == [f"step-{result.step:06d}"]
+    assert BrainBundle(metrics.parent).metadata()["run"]["torch_threads"] == 1
 
 
 def test_relative_paths_mean_the_driver_s_working_directory_and_ctrl_c_stops_the_workers(

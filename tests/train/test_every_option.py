@@ -73,7 +73,7 @@ CHECKED_BY = {
     "launcher": "tests.cluster.test_ray_job::test_world_size_1_on_ray_trains_what_the_local_launcher_trains",
     "ray_address": "tests.cluster.test_ray_job::test_an_address_where_no_cluster_listens_is_one_line_and_writes_nothing",
     "cpus_per_worker":
-        "tests.cluster.test_ray_job::test_ray_prunes_nothing_itself_and_keeps_the_newest_intact_checkpoints",
+        "tests.cluster.test_ray_job::test_the_stop_file_stops_the_worker_and_is_removed",
     "max_failures": "tests.cluster.test_ray_job::test_a_failed_worker_is_restarted_from_the_newest_checkpoint_to_the_same_weights",
     "preemption_check_every":
         "tests.cluster.test_ray_elastic::test_an_elastic_job_grows_and_shrinks_with_the_cluster_to_the_same_weights",
