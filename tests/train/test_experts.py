@@ -135,13 +135,18 @@ def test_generate_takes_experts_and_the_frozen_base_computes_as_before_without_t
         assert not torch.equal(attached(attached.initial_carry(batch), batch)[1]["logits"], expected)
 
 
-def test_an_expert_made_for_another_base_brain_is_refused(runs, tmp_path, capsys):
-    other = tmp_path / "other"
+def another_base(runs, other: Path) -> Path:
+    """A copy of the base brain with one weight changed: the same shape, another fingerprint."""
     shutil.copytree(runs["base"], other, ignore=shutil.ignore_patterns("checkpoints"))
     model = BrainBundle(other).load_model()
     with torch.no_grad():
-        model.inner.lm_head.weight[0, 0] += 1.0  # another brain of the same shape: another fingerprint
+        model.inner.lm_head.weight[0, 0] += 1.0
     model.save_pretrained(other)
+    return other
+
+
+def test_an_expert_made_for_another_base_brain_is_refused(runs, tmp_path, capsys):
+    other = another_base(runs, tmp_path / "other")
     with pytest.raises(AiosError, match=r"^expert 'gpl' was trained for another base brain .*: attach it to the "
                                         r"brain it was made for, or train an expert for this brain with --expert-id"):
         attach_experts(BrainBundle(other).load_model(), BrainBundle(other), ["gpl"], runs["experts_dir"])
@@ -175,6 +180,19 @@ def test_resume_continues_the_expert_bit_for_bit(runs, tmp_path):
     resumed = load_file(runs["experts_dir"] / "resumed" / "expert.safetensors")
     assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
     assert tree(runs["base"]) == runs["base_files"]
+
+
+def test_resuming_an_expert_on_another_base_is_refused_and_changes_nothing(runs, tmp_path):
+    other = another_base(runs, tmp_path / "other")
+    experts = tmp_path / "experts"
+    shutil.copytree(runs["expert"], experts / "gpl")
+    before = tree(experts)
+    config = runs["expert_config"]("gpl", base_brain=str(other), experts_dir=str(experts), steps=STEPS + 5,
+                                   resume=True)
+    with pytest.raises(AiosError, match=r"^checkpoint .* is not of this expert run .*: resume it with the base brain "
+                                        r"it was trained on, or choose a new --expert-id$"):
+        launch(config)
+    assert tree(experts) == before
 
 
 def test_bad_input_is_one_line_and_writes_nothing(runs, tmp_path, module_make_config):
