@@ -54,6 +54,8 @@ def package_versions() -> dict[str, str]:
 
 
 class BrainBundle:
+    kind = "brain"  # what the directory holds, for messages ("expert": aios.experts.ExpertBundle)
+
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
@@ -118,8 +120,9 @@ class BrainBundle:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise AiosError(f"brain '{self.name}' is being trained by another process ({self.root}): wait for "
-                            f"it to finish, or choose another --brain-name") from None
+            flag = "--expert-id" if self.kind == "expert" else "--brain-name"
+            raise AiosError(f"{self.kind} '{self.name}' is being trained by another process ({self.root}): wait for "
+                            f"it to finish, or choose another {flag}") from None
         try:
             yield self
         finally:

@@ -20,7 +20,7 @@ from aios.cli.app import App
 from aios.cli.options import finite_number, typed_by_user, with_config_options
 from aios.config.training import TrainingConfig, error_field, format_validation_error, read_yaml_settings
 from aios.errors import AiosError
-from aios.paths import DEFAULT_BUNDLE_DIR, DEFAULT_DATA_CACHE_DIR
+from aios.paths import DEFAULT_BUNDLE_DIR, DEFAULT_DATA_CACHE_DIR, DEFAULT_EXPERTS_DIR
 
 app = App(no_args_is_help=True)
 
@@ -108,9 +108,16 @@ def train_actv1(ctx: typer.Context, config: str | None, print_config: bool, **fl
     return None
 
 
-def _load_brain(brain: str, bundle_dir: str, device: str):
-    """(bundle, model, tokenizer, device) of a bundle, by name, path or s3:// URI (a cached local copy)."""
+_EXPERTS_HELP = ("Experts to attach, comma-separated (ID or ID,ID): trained with `train-actv1 --expert-id ID "
+                 "--base-brain` for this brain, from --experts-dir.")
+
+
+def _load_brain(brain: str, bundle_dir: str, device: str, experts: str | None = None,
+                experts_dir: str = DEFAULT_EXPERTS_DIR):
+    """(bundle, model, tokenizer, device) of a bundle, by name, path or s3:// URI (a cached local copy), with
+    the `experts` (ID[,ID]) attached."""
     from aios.bundle import BrainBundle
+    from aios.experts import attach_experts, parse_expert_ids
     from aios.storage import is_remote
     from aios.train.session import resolve_device
 
@@ -120,8 +127,11 @@ def _load_brain(brain: str, bundle_dir: str, device: str):
         bundle = cached_brain(brain, Path(bundle_dir))
     else:
         bundle = BrainBundle.open(brain, bundle_dir)
+    ids = parse_expert_ids(experts)
     dev = resolve_device(device)
-    return bundle, bundle.load_model(dev), bundle.load_tokenizer(), dev
+    model = bundle.load_model(dev)
+    attach_experts(model, bundle, ids, experts_dir)
+    return bundle, model, bundle.load_tokenizer(), dev
 
 
 @app.command("generate")
@@ -138,13 +148,16 @@ def generate_command(
     bundle_dir: Annotated[str, typer.Option("--bundle-dir", help="Directory that holds brain bundles.")]
     = DEFAULT_BUNDLE_DIR,
     device: Annotated[Literal["auto", "cpu", "cuda"], typer.Option("--device", help="Where to run.")] = "auto",
+    experts: Annotated[str | None, typer.Option("--experts", metavar="ID[,ID]", help=_EXPERTS_HELP)] = None,
+    experts_dir: Annotated[str, typer.Option("--experts-dir", help="Directory that holds experts.")]
+    = DEFAULT_EXPERTS_DIR,
 ) -> None:
     """Continue a prompt with a trained brain (ACT inference: segments until the Q-head halts, at most M)."""
     import torch
 
     from aios.inference import generate
 
-    bundle, model, tokenizer, dev = _load_brain(brain, bundle_dir, device)
+    bundle, model, tokenizer, dev = _load_brain(brain, bundle_dir, device, experts, experts_dir)
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=False) or [tokenizer.eos_token_id]
     generator = torch.Generator(device=dev).manual_seed(seed)
     new_ids, segments = generate(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -206,6 +219,9 @@ def eval_command(
     bundle_dir: Annotated[str, typer.Option("--bundle-dir", help="Directory that holds brain bundles.")]
     = DEFAULT_BUNDLE_DIR,
     device: Annotated[Literal["auto", "cpu", "cuda"], typer.Option("--device", help="Where to run.")] = "auto",
+    experts: Annotated[str | None, typer.Option("--experts", metavar="ID[,ID]", help=_EXPERTS_HELP)] = None,
+    experts_dir: Annotated[str, typer.Option("--experts-dir", help="Directory that holds experts.")]
+    = DEFAULT_EXPERTS_DIR,
 ) -> None:
     """Loss, perplexity, token accuracy and ACT segments of a brain on a text file (prints JSON).
 
@@ -216,10 +232,11 @@ def eval_command(
 
     from aios.data import PrepareOptions, flags, prepare_dataset, warn_unused_options
     from aios.data.sources import OPTION_SUFFIXES
+    from aios.experts import parse_expert_ids
     from aios.inference import evaluate_lm
     from aios.train.precision import autocast_dtype, dtype_name
 
-    bundle, model, tokenizer, dev = _load_brain(brain, bundle_dir, device)
+    bundle, model, tokenizer, dev = _load_brain(brain, bundle_dir, device, experts, experts_dir)
     typed = {name: value for name, value in dict(
         eval_batches=eval_batches, batch_size=batch_size, text_field=text_field, text_mode=text_mode,
         ascii_only=ascii_only, amp=amp, amp_dtype=amp_dtype).items() if value is not None}
@@ -240,7 +257,8 @@ def eval_command(
     used = {name: getattr(settings, name) for name in ("text_mode", "text_field", "ascii_only", "batch_size",
                                                         "eval_batches")}
     used["autocast"] = dtype_name(amp_dtype_used)
-    output = {"brain": bundle.name, "eval_file": eval_file, "settings": used, **result}
+    output = {"brain": bundle.name, "experts": parse_expert_ids(experts), "eval_file": eval_file, "settings": used,
+              **result}
     typer.echo(json.dumps(output, indent=2))
 
 

@@ -39,7 +39,12 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from aios.errors import AiosError
-from aios.paths import DEFAULT_BUNDLE_DIR, DEFAULT_DATA_CACHE_DIR, HIDDEN_PREFIX  # HIDDEN: not listed
+from aios.paths import (  # HIDDEN: not listed
+    DEFAULT_BUNDLE_DIR,
+    DEFAULT_DATA_CACHE_DIR,
+    DEFAULT_EXPERTS_DIR,
+    HIDDEN_PREFIX,
+)
 
 # The `--help` panels, in the order they are shown (and the order of fields in the class).
 GROUPS = ("Data", "Model", "Training", "Memory", "Distributed", "Storage", "Bundle")
@@ -195,7 +200,13 @@ class TrainingConfig(BaseModel):
     zero_stage: Literal["none", "zero1", "zero2", "zero3"] = setting(
         "none", "ZeRO optimizer-state sharding stage.", "Distributed"
     )
-    expert_id: str | None = setting(None, "Train only this expert of a mixture.", "Distributed")
+    expert_id: str | None = setting(
+        None, "Expert training: add one expert to every MoE layer of --base-brain (frozen) and train only it and "
+        "its router row on --dataset-file, into <experts-dir>/<expert-id>/ (attach it with --experts on "
+        "generate/eval).", "Distributed")
+    base_brain: str | None = setting(
+        None, "With --expert-id: the trained MoE brain (--use-moe) the expert extends, by name under --bundle-dir "
+        "or a bundle directory; its model settings and tokenizer are the expert's.", "Distributed", min_length=1)
     parallel_independent: bool = setting(False, "Train independent model copies in parallel.", "Distributed")
     device: Literal["auto", "cpu", "cuda"] = setting("auto", "Where to train; auto = cuda when available.",
                                                      "Distributed")
@@ -230,6 +241,8 @@ class TrainingConfig(BaseModel):
         None, "Endpoint of an S3-compatible service (MinIO, Ceph, R2) for the s3:// locations; default: "
         "$AWS_ENDPOINT_URL, else AWS. Credentials: the standard AWS variables, profile or instance role.", "Storage",
         min_length=1)
+    experts_dir: str = setting(DEFAULT_EXPERTS_DIR, "Directory that holds experts (--expert-id): "
+                               "<experts-dir>/<expert-id>/.", "Storage", min_length=1)
     brain_name: str = setting("default", "Bundle name: <bundle-dir>/<brain-name>/ (letters, digits, . _ -; "
                               "not starting with . or -).", "Bundle")
     run_name: str | None = setting(
@@ -336,24 +349,30 @@ class TrainingConfig(BaseModel):
         """The accumulation that keeps the global batch with `workers` workers (checked to be whole)."""
         return self.global_batch // (self.batch_size * workers)
 
-    @field_validator("brain_name")
+    @field_validator("brain_name", "expert_id")
     @classmethod
-    def _brain_name_is_one_safe_path_component(cls, value: str) -> str:
-        # The name becomes a directory under --bundle-dir: it must not climb out of it or be an option.
-        fix = "use letters, digits, '.', '_' and '-', e.g. --brain-name my-brain"
+    def _brain_name_is_one_safe_path_component(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # The name becomes a directory under --bundle-dir (--experts-dir): it must not climb out of it or be
+        # an option.
+        if value is None:
+            return value
+        flag = flag_name(info.field_name)
+        example = "my-brain" if info.field_name == "brain_name" else "legal-v1"
+        fix = f"use letters, digits, '.', '_' and '-', e.g. {flag} {example}"
         if value == "":
-            raise _setting_error(f"--brain-name is empty; {fix}")
+            raise _setting_error(f"{flag} is empty; {fix}")
         if value in (".", "..") or "/" in value or "\\" in value or "\0" in value:
-            raise _setting_error(f"--brain-name {value!r} is not a single directory name; {fix}")
+            raise _setting_error(f"{flag} {value!r} is not a single directory name; {fix}")
         if value.startswith("-"):
-            raise _setting_error(f"--brain-name {value!r} starts with '-'; {fix}")
+            raise _setting_error(f"{flag} {value!r} starts with '-'; {fix}")
         if value.startswith(HIDDEN_PREFIX):
-            raise _setting_error(f"--brain-name {value!r} starts with '{HIDDEN_PREFIX}', which would hide it from "
-                                 f"`aios brains list`; drop the leading '{HIDDEN_PREFIX}', e.g. --brain-name my-brain")
+            listing = "`aios brains list`" if info.field_name == "brain_name" else "listings"
+            raise _setting_error(f"{flag} {value!r} starts with '{HIDDEN_PREFIX}', which would hide it from "
+                                 f"{listing}; drop the leading '{HIDDEN_PREFIX}', e.g. {flag} {example}")
         if len(value) > _MAX_NAME_LENGTH:
-            raise _setting_error(f"--brain-name is {len(value)} characters long; use at most {_MAX_NAME_LENGTH}")
+            raise _setting_error(f"{flag} is {len(value)} characters long; use at most {_MAX_NAME_LENGTH}")
         if not _SAFE_NAME.fullmatch(value):
-            raise _setting_error(f"--brain-name {value!r} has characters that are not allowed; {fix}")
+            raise _setting_error(f"{flag} {value!r} has characters that are not allowed; {fix}")
         return value
 
     @field_validator("cuda_ids")
@@ -400,6 +419,14 @@ class TrainingConfig(BaseModel):
                         f"{flag_name(name)} has no effect without --use-moe; add --use-moe or drop {flag_name(name)}",
                         name,
                     )
+        if self.expert_id is None:
+            for name in ("base_brain", "experts_dir"):
+                if getattr(self, name) != type(self).model_fields[name].default:
+                    raise _setting_error(f"{flag_name(name)} has no effect without --expert-id; add --expert-id ID "
+                                         f"(expert training) or drop {flag_name(name)}", name)
+        elif self.base_brain is None:
+            raise _setting_error(f"--expert-id {self.expert_id} needs --base-brain NAME: the trained MoE brain "
+                                 f"(--use-moe) the expert extends; add --base-brain", "base_brain")
         if self.launcher != "ray":
             for name in ("ray_address", "max_failures", "cpus_per_worker", "preemption_check_every"):
                 if getattr(self, name) != type(self).model_fields[name].default:
@@ -547,8 +574,6 @@ class TrainingConfig(BaseModel):
         checks = [
             (self.zero_stage != "none", f"--zero-stage {self.zero_stage} is not available yet: optimizer-state "
                                         "sharding arrives with the DeepSpeed issue; use --zero-stage none"),
-            (self.expert_id is not None, "--expert-id is not available yet: per-expert training arrives with "
-                                         "the expert training issue; run without --expert-id"),
             (self.parallel_independent, "--parallel-independent is not supported: data-parallel training over "
                                         "--world-size N workers (--launcher ray) replaces it; run without "
                                         "--parallel-independent"),

@@ -17,6 +17,7 @@ mask would see only the first token and could not judge the sequence).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -44,6 +45,7 @@ MODEL_TYPE = "hrm_act_v1"
 # saved in config.json, so toggling them keeps the model's identity (and a resume) intact.
 RUNTIME_KEYS = ("gradient_checkpointing", "use_flash_attn")
 DIGEST_KEY = "aios_tensors_sha256"  # in the safetensors header: `tensors_digest` of the weights
+ADDED_EXPERT_PARAMS = ("added_gate_up", "added_down", "added_router")  # MixtureOfExperts.add_experts
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -500,6 +502,12 @@ class MixtureOfExperts(nn.Module):
     matmul, and results are scattered back weighted by their router probability. Tokens past an
     expert's capacity C = ceil(capacity_factor * N * k / E) are dropped for that expert (the residual
     connection carries them).
+
+    Added experts (`add_experts`: expert training, `--experts`): A more experts kept as parameters of their
+    own (`added_gate_up` (A, D, 2I), `added_down` (A, I, D), `added_router` (A, D): the router's new rows),
+    concatenated after the E base ones in forward, so that routing, capacity and the load-balancing loss run
+    over E + A experts. The base parameters are left as they are (expert training freezes them); with no
+    added experts (or `added_active` False) forward computes exactly what the base layer computes.
     """
 
     def __init__(self, config: HRMACTv1Config):
@@ -512,13 +520,37 @@ class MixtureOfExperts(nn.Module):
         self.down = nn.Parameter(torch.empty(E, inner, D))
         trunc_normal_init_(self.gate_up, std=1.0 / math.sqrt(D))
         trunc_normal_init_(self.down, std=1.0 / math.sqrt(inner))
+        self.num_added = 0  # A: experts added to the trained layer (add_experts)
+        self.added_active = True  # False: forward leaves the added experts out (the base layer alone)
+
+    def add_experts(self, count: int) -> None:
+        """`count` new experts and router rows, initialised like the base ones (from torch's generator)."""
+        if self.num_added:
+            raise ValueError(f"this layer already has {self.num_added} added experts")
+        D, two_inner = self.gate_up.shape[1:]
+        inner = two_inner // 2
+        device = self.gate_up.device
+        self.added_gate_up = nn.Parameter(trunc_normal_init_(torch.empty(count, D, two_inner, device=device),
+                                                             std=1.0 / math.sqrt(D)))
+        self.added_down = nn.Parameter(trunc_normal_init_(torch.empty(count, inner, D, device=device),
+                                                          std=1.0 / math.sqrt(inner)))
+        self.added_router = nn.Parameter(trunc_normal_init_(torch.empty(count, D, device=device),
+                                                            std=1.0 / math.sqrt(D)))
+        self.num_added = count
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, S, D = x.shape
-        E, k = self.num_experts, self.top_k
+        A = self.num_added if self.added_active else 0
+        E, k = self.num_experts + A, self.top_k
         tokens = x.reshape(-1, D)  # (N, D)
         N = tokens.shape[0]
-        probs = self.router(tokens).float().softmax(dim=-1)  # (N, E)
+        router_logits = self.router(tokens)  # (N, E base)
+        gate_up_weights, down_weights = self.gate_up, self.down
+        if A:  # the added experts after the base ones: (N, E + A) logits, (E + A, ...) weights
+            router_logits = torch.cat((router_logits, linear(tokens, self.added_router)), dim=-1)
+            gate_up_weights = torch.cat((gate_up_weights, self.added_gate_up), dim=0)
+            down_weights = torch.cat((down_weights, self.added_down), dim=0)
+        probs = router_logits.float().softmax(dim=-1)  # (N, E)
         top_p, top_e = probs.topk(k, dim=-1)  # (N, k)
         if k > 1:  # renormalise over the chosen experts; with k = 1 the raw probability is the gate
             top_p = top_p / top_p.sum(-1, keepdim=True)  # (Switch), else the router gets no task gradient
@@ -538,8 +570,8 @@ class MixtureOfExperts(nn.Module):
 
         buffer = tokens.new_zeros(E, capacity, D)
         buffer[expert_idx, slot_idx] = tokens[token_idx]
-        gate, up = torch.bmm(buffer, self.gate_up.to(buffer.dtype)).chunk(2, dim=-1)  # (E, C, inner)
-        expert_out = torch.bmm(F.silu(gate) * up, self.down.to(buffer.dtype))  # (E, C, D)
+        gate, up = torch.bmm(buffer, gate_up_weights.to(buffer.dtype)).chunk(2, dim=-1)  # (E, C, inner)
+        expert_out = torch.bmm(F.silu(gate) * up, down_weights.to(buffer.dtype))  # (E, C, D)
         picked = expert_out[expert_idx, slot_idx] * weight[:, None].to(expert_out.dtype)
         out = torch.zeros_like(tokens, dtype=expert_out.dtype).index_add_(0, token_idx, picked)
         return out.view(B, S, D).to(x.dtype), aux_loss
@@ -775,6 +807,44 @@ class HRMACTv1(nn.Module):
     def num_parameters(self, include_puzzle_embedding: bool = False) -> int:
         return sum(p.numel() for name, p in self.named_parameters()
                    if include_puzzle_embedding or not name.startswith("inner.puzzle_emb."))
+
+    # -- added experts (expert training, `--experts`) ------------------------------------------------------
+
+    def moe_layers(self) -> list[tuple[str, MixtureOfExperts]]:
+        """(name, layer) of every mixture-of-experts layer, in module order."""
+        return [(name, m) for name, m in self.named_modules() if isinstance(m, MixtureOfExperts)]
+
+    def add_experts(self, count: int = 1) -> None:
+        """Add `count` experts (and router rows) to every MoE layer; the base weights are left as they are."""
+        layers = self.moe_layers()
+        if not layers:
+            raise ValueError("the model has no mixture-of-experts layers (it was not built with use_moe)")
+        for _, layer in layers:
+            layer.add_experts(count)
+
+    def freeze_all_but_added_experts(self) -> None:
+        """requires_grad only on the added experts' parameters: an optimizer built from the parameters that
+        require grad (and its weight decay) never touches the base."""
+        for name, param in self.named_parameters():
+            param.requires_grad_(name.rsplit(".", 1)[-1] in ADDED_EXPERT_PARAMS)
+
+    def added_expert_state(self) -> dict[str, torch.Tensor]:
+        """The added experts' tensors, by parameter name (what expert.safetensors holds)."""
+        return {f"{name}.{param}": getattr(layer, param) for name, layer in self.moe_layers() if layer.num_added
+                for param in ADDED_EXPERT_PARAMS}
+
+    @contextlib.contextmanager
+    def added_experts_off(self):
+        """Within the block, every MoE layer computes as the base layer alone (its added experts left out)."""
+        layers = [layer for _, layer in self.moe_layers()]
+        before = [layer.added_active for layer in layers]
+        for layer in layers:
+            layer.added_active = False
+        try:
+            yield self
+        finally:
+            for layer, active in zip(layers, before, strict=True):
+                layer.added_active = active
 
     def initial_carry(self, batch: dict[str, torch.Tensor]) -> ACTCarry:
         """A carry with every row halted, so the first call takes every row's sample."""

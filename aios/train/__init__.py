@@ -43,8 +43,14 @@ def launch(config: TrainingConfig, callbacks=None):
     from aios.train.remote import RemoteBrain, with_local_sources
     from aios.train.run_storage import RemoteCheckpoints, checkpoints_location
 
-    remote = RemoteBrain.of(config)  # a remote bundle dir: train in its local copy, brought up to date first
-    bundle = remote.bring_up_to_date() if remote else BrainBundle.for_run(config.bundle_dir, config.brain_name)
+    if config.expert_id:  # expert training: the base brain is read (checked here), the expert's dir written
+        from aios.experts import expert_bundle, expert_run_config
+
+        config = expert_run_config(config)
+        remote, bundle = None, expert_bundle(config)
+    else:
+        remote = RemoteBrain.of(config)  # a remote bundle dir: train in its local copy, brought up to date first
+        bundle = remote.bring_up_to_date() if remote else BrainBundle.for_run(config.bundle_dir, config.brain_name)
     # --storage-path: the checkpoints live there (a local directory, or RemoteCheckpoints on S3)
     location = checkpoints_location(config, bundle.checkpoints_dir)
     remote_checkpoints = location if isinstance(location, RemoteCheckpoints) else None
@@ -54,12 +60,16 @@ def launch(config: TrainingConfig, callbacks=None):
         has_checkpoints = remote_checkpoints.has_any()
     else:
         has_checkpoints = checkpoints.is_dir() and any(p.name.startswith("step-") for p in checkpoints.iterdir())
-    has_work = (bundle.root / WEIGHTS_NAME).exists() or has_checkpoints  # set-aside checkpoints too: trained work
+    has_weights = bundle.has_weights() if config.expert_id else (bundle.root / WEIGHTS_NAME).exists()
+    has_work = has_weights or has_checkpoints  # set-aside checkpoints too: trained work
     if has_work and not config.resume:
         if config.run_name and _recorded_run_name(bundle) == config.run_name:
             log.info("run '%s' has trained brain '%s' before: continuing it from its newest checkpoint",
-                     config.run_name, config.brain_name)
+                     config.run_name, config.expert_id or config.brain_name)
             config = config.replace(resume=True, check_paths=False)
+        elif config.expert_id:
+            raise AiosError(f"expert '{config.expert_id}' already exists in {bundle.root}: pass --resume to continue "
+                            f"it (or the --run-name it was trained with), or choose a new --expert-id")
         else:
             raise AiosError(f"brain '{config.brain_name}' already holds a trained model in {bundle.root}: pass "
                             f"--resume to continue it (or the --run-name it was trained with), or choose a new "
@@ -151,8 +161,12 @@ def _check_output_paths(config: TrainingConfig, bundle_root: Path, *, resuming: 
         if log_file.exists() and not os.access(log_file, os.W_OK):
             raise AiosError(f"--log-file {log_file}: no permission to write it; pass a file you can write")
     created: list[Path] = []
-    _writable_dir("--bundle-dir", bundle_root.parent, created,
-                  f" (the local copy of {config.bundle_dir})" if bundle_root.parent != Path(config.bundle_dir) else "")
+    if config.expert_id:
+        _writable_dir("--experts-dir", bundle_root.parent, created)
+    else:
+        _writable_dir("--bundle-dir", bundle_root.parent, created,
+                      f" (the local copy of {config.bundle_dir})" if bundle_root.parent != Path(config.bundle_dir)
+                      else "")
     if config.storage_path and checkpoints is not None:  # a local --storage-path
         if checkpoints.parent.exists() and not checkpoints.parent.is_dir():
             raise AiosError(f"--storage-path: {checkpoints.parent} is a file: remove it or pass another --storage-path")

@@ -42,6 +42,7 @@ from aios.data import (
     warn_unused_options,
 )
 from aios.errors import AiosError
+from aios.experts import ExpertRun, expert_bundle
 from aios.inference import autocast_context, evaluate_lm_sums, lm_eval_result
 from aios.models.hrm_act_v1 import ACTCarry, HRMACTv1, HRMACTv1Config, act_loss, shift_labels
 from aios.tokenizers import load_tokenizer, tokenizer_fingerprint
@@ -174,8 +175,14 @@ class Trainer:
         self.rank, self.world = session.rank, session.world_size
         self.device = session.device
         self.is_main = self.rank == 0
-        self.remote = RemoteBrain.of(config)  # a remote --bundle-dir: pushed after every save and at the end
-        self.bundle = self.remote.local if self.remote else BrainBundle.for_run(config.bundle_dir, config.brain_name)
+        # Expert training (--expert-id): the base brain is read, never written; the run writes the expert's dir.
+        self.expert = ExpertRun.of(config)
+        self.remote = None if self.expert else RemoteBrain.of(config)  # a remote --bundle-dir: pushed at every save
+        if self.expert:
+            self.bundle: BrainBundle = expert_bundle(config)
+        else:
+            self.bundle = self.remote.local if self.remote else BrainBundle.for_run(config.bundle_dir, config.brain_name)
+        self.base_eval: dict | None = None  # expert training: the base brain alone on the eval data
         self.started_at = time.time()
 
         random.seed(config.seed + self.rank)
@@ -203,6 +210,8 @@ class Trainer:
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         self.model = HRMACTv1(model_config_for(config, vocab_size), gradient_checkpointing=config.gradient_checkpointing,
                               use_flash_attn=config.use_flash_attn).to(self.device)
+        if self.expert:  # the base's weights, frozen, and one new expert per MoE layer: all that trains
+            self.expert.prepare(self.model)
         if config.compile:
             self.model.compile_segments()  # compiled on first use; eager, with a warning, where it cannot
         torch.manual_seed(config.seed + self.rank)
@@ -301,6 +310,13 @@ class Trainer:
         if state["seed"] != self.config.seed:
             raise AiosError(f"checkpoint {directory} was trained with --seed {state['seed']}, which fixes its data "
                             f"order: resume with --seed {state['seed']}")
+        ours_expert = self.expert.identity() if self.expert else None
+        if state.get("expert") != ours_expert:
+            theirs = state.get("expert") or {}
+            raise AiosError(f"checkpoint {directory} is not of this expert run (expert {theirs.get('expert_id')!r}, "
+                            f"base sha256 {str(theirs.get('base_fingerprint'))[:12]}; this run: expert "
+                            f"{self.config.expert_id!r}, base {str((ours_expert or {}).get('base_fingerprint'))[:12]}): "
+                            f"resume it with the base brain it was trained on, or choose a new --expert-id")
         if state["optimizer_kind"] != self.optimizer_kind:
             raise AiosError(f"checkpoint {directory} holds {state['optimizer_kind']} optimizer state, this run "
                             f"uses {self.optimizer_kind}: resume with {optimizer_kind_hint(state['optimizer_kind'])} "
@@ -636,7 +652,22 @@ class Trainer:
         yield from data.sequential_batches(min(self.config.batch_size, self.micro_batch), start=start, stop=stop)
 
     def evaluate(self) -> dict:
-        """The eval batches shared out over the ranks (batch i on rank i mod W), their sums reduced."""
+        """The eval batches shared out over the ranks (batch i on rank i mod W), their sums reduced. Expert
+        training also records the base brain alone on the same batches (once: the base does not change)."""
+        result = self._evaluate_model()
+        self.last_eval = {"step": self.step, **result}
+        record = {"event": "eval", "step": self.step, **result}
+        if self.expert:
+            if self.base_eval is None:
+                with self.model.added_experts_off():
+                    self.base_eval = self._evaluate_model()
+            record["base_loss"] = self.base_eval["loss"]
+        self.log.write(record)
+        if self.is_main:
+            self.console.eval(self.step, result)
+        return result
+
+    def _evaluate_model(self) -> dict:
         mine = (batch for i, batch in enumerate(self.eval_batches()) if i % self.world == self.rank)
         sums = evaluate_lm_sums(self.model, mine, self.device, self.amp_dtype)
         if self.world > 1:
@@ -644,12 +675,24 @@ class Trainer:
             reduced = self.session.all_reduce(torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64,
                                                            device=self.device)).tolist()
             sums = dict(zip(keys, reduced, strict=True))
-        result = lm_eval_result(sums, self.model.config.halt_max_steps)
-        self.last_eval = {"step": self.step, **result}
-        self.log.write({"event": "eval", "step": self.step, **result})
-        if self.is_main:
-            self.console.eval(self.step, result)
-        return result
+        return lm_eval_result(sums, self.model.config.halt_max_steps)
+
+    def _expert_manifest(self) -> dict:
+        """expert.json: the base, the data, and the last eval of the base alone vs base + expert."""
+        cfg, last, base = self.config, self.last_eval, self.base_eval
+        metrics = None
+        if last is not None and base is not None:
+            metrics = {"eval_step": last["step"], "eval_tokens": last["tokens"],
+                       "eval_loss_base": base["loss"], "eval_loss_with_expert": last["loss"],
+                       "eval_perplexity_base": base["perplexity"], "eval_perplexity_with_expert": last["perplexity"],
+                       "eval_token_accuracy_base": base["token_accuracy"],
+                       "eval_token_accuracy_with_expert": last["token_accuracy"]}
+        return self.expert.manifest(
+            self.model, steps=self.step,
+            dataset={"source": cfg.dataset_file, "fingerprint": self.dataset.fingerprint},
+            eval={"source": cfg.eval_file or "held-out tail of the training data",
+                  "fingerprint": self.eval_dataset.fingerprint},
+            metrics=metrics)
 
     def save(self, last_metrics: dict) -> Path | None:
         """A checkpoint of this step, then the bundle. Weights that became non-finite are never saved: the
@@ -684,6 +727,8 @@ class Trainer:
                      "seed": self.config.seed, "optimizer_kind": self.optimizer_kind,
                      "config_hash": self.config.config_hash(), "model_config": self.model.config.to_dict(),
                      "dataset_fingerprint": self.dataset.fingerprint, "epoch": self.epoch}
+            if self.expert:
+                state["expert"] = self.expert.identity()
         ckpt.write_checkpoint_files(staged, rank=self.rank, model=self.model if self.is_main else None,
                                     optimizer_state=optimizer_state, rng_state=ckpt.capture_rng_state(self.device),
                                     carries=self.carries,
@@ -695,8 +740,11 @@ class Trainer:
         if not self.is_main:
             return
         bundle, cfg = self.bundle, self.config
-        bundle.write_model(self.model)
-        bundle.write_tokenizer(self.tokenizer)
+        if self.expert:  # the added experts alone; the tokenizer is the base's
+            bundle.write_expert(self.model, self._expert_manifest())
+        else:
+            bundle.write_model(self.model)
+            bundle.write_tokenizer(self.tokenizer)
         bundle.write_training_args(cfg)
         states = ([json.loads((checkpoint / f"sampler-rank{r}.json").read_text()) for r in range(self.world)]
                   if checkpoint is not None else [self.sampler.state_dict()])
@@ -762,6 +810,8 @@ class Trainer:
                     self.save(last)
                 elif evaluated_at != self.step and self.is_main:  # saved before this final eval: record it
                     self.bundle.update_metadata(last_eval=self.last_eval)
+                    if self.expert:
+                        self.bundle.write_expert(self.model, self._expert_manifest())
                 plot = self._plot()
             self.log.write({"event": "end", "step": self.step, "reason": reason, "eval": self.last_eval,
                             "sample_tokens_seen": self.counters.sample_tokens_seen,

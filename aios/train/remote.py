@@ -122,7 +122,12 @@ def with_retries(operation: Callable[[], T], what: str, failure: Callable[[str],
 
 
 def training_bundle(config) -> BrainBundle:
-    """The bundle a run writes: <bundle-dir>/<brain-name>, or the local copy of a remote one."""
+    """The bundle a run writes: <bundle-dir>/<brain-name>, or the local copy of a remote one; with --expert-id
+    the expert's directory <experts-dir>/<expert-id>."""
+    if config.expert_id:
+        from aios.experts import expert_bundle
+
+        return expert_bundle(config)
     remote = RemoteBrain.of(config)
     return remote.local if remote is not None else BrainBundle.for_run(config.bundle_dir, config.brain_name)
 

@@ -214,7 +214,7 @@ def test_to_cli_args_round_trips_through_the_real_parser(corpus):
     config = TrainingConfig(
         dataset_file=str(corpus), eval_file=str(corpus), lr=3e-5, expansion=8 / 3, min_lr_ratio=0.0,
         halt_exploration_prob=0.0, grad_clip=0.0, window_size=0, seed=0, world_size=1, cuda_ids="0,1",
-        expert_id="expert-3", stop_file="STOP", log_file="logs/m.jsonl", amp=False, progress=False,
+        expert_id="expert-3", base_brain="base-3", stop_file="STOP", log_file="logs/m.jsonl", amp=False, progress=False,
         gradient_checkpointing=False, iterate=True, pos_encodings="learned", loss_type="stablemax",
         optimizer="adam-atan2", zero_stage="zero2", device="cuda", brain_name="round.trip",
     )
@@ -240,6 +240,7 @@ def test_to_cli_args_round_trips_every_field(corpus):
         "log_file": "m.jsonl", "checkpoint_every": 0, "keep_checkpoints": 1, "progress": False,
         "gradient_checkpointing": True, "amp": False, "use_8bit_optimizer": True, "compile": True, "ddp": True,
         "cuda_ids": "2,3", "world_size": "1-2", "zero_stage": "zero3", "expert_id": "e1",
+        "base_brain": "b1", "experts_dir": "exp",
         "parallel_independent": True, "device": "cuda", "launcher": "ray",
         "max_failures": 2, "cpus_per_worker": 1, "preemption_check_every": 3, "bundle_dir": "s3://bucket/brains",
         "storage_path": "s3://bucket/runs", "local_bundle_dir": "here/brains", "s3_endpoint_url": "http://127.0.0.1:9000",

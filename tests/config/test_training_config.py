@@ -369,7 +369,6 @@ def test_demo_cpu_preset_data_paths_exist_from_the_repo_root(monkeypatch):
     ("settings", "message"),
     [
         ({"zero_stage": "zero2"}, "--zero-stage zero2 is not available yet"),
-        ({"expert_id": "e0"}, "--expert-id is not available yet"),
     ],
 )
 def test_unavailable_features_are_named_not_ignored(settings, message):
@@ -379,8 +378,10 @@ def test_unavailable_features_are_named_not_ignored(settings, message):
 
 
 def test_unavailable_features_lists_every_one_set():
-    config = TrainingConfig(world_size=2, launcher="ray", zero_stage="zero1", expert_id="e", ddp=True)
-    assert [m.split()[0] for m in config.unavailable_features()] == ["--zero-stage", "--expert-id"]
+    config = TrainingConfig(world_size=2, launcher="ray", zero_stage="zero1", expert_id="e", base_brain="b",
+                            ddp=True, parallel_independent=True)
+    assert [m.split()[0] for m in config.unavailable_features()] == ["--zero-stage", "--parallel-independent"]
+    assert TrainingConfig(expert_id="e", base_brain="b").unavailable_features() == []  # expert training works
     assert TrainingConfig(world_size=2, launcher="ray", ddp=True).unavailable_features() == []
 
 
