@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -68,22 +67,11 @@ def case_config(case: str, work_dir: Path, batch_size: int, device: str):
     return TrainingConfig.from_dict(settings)
 
 
-def current_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024  # kB
-    return float("nan")
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 def worker(args: argparse.Namespace) -> dict:
     """One case in this process: build the Trainer, step, measure."""
     import torch
 
-    from aios.train.loop import Trainer
+    from aios.train.loop import Trainer, current_rss_mb, peak_rss_mb
     from aios.train.session import LocalSession
 
     work_dir = Path(args.work_dir)

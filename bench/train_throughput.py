@@ -79,7 +79,7 @@ from aios.data import PreparedDataset
 from aios.inference import autocast_context
 from aios.models import hrm_act_v1 as hrm
 from aios.models.hrm_act_v1 import HRMACTv1, HRMACTv1Config, act_loss, shift_labels
-from aios.train.loop import Trainer, model_config_for, prepare_training_data
+from aios.train.loop import Trainer, current_rss_mb, model_config_for, peak_rss_mb, prepare_training_data
 from aios.train.optim import BETAS, build_optimizer
 from aios.train.session import LocalSession
 
@@ -445,17 +445,6 @@ def cpu_model() -> str:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
-
-
-def current_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024  # kB
-    return float("nan")
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 # ----------------------------------------------------------------------------------------------------

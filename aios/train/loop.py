@@ -121,6 +121,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def current_rss_mb() -> float:
+    """This process's resident memory now (Linux /proc), NaN where it cannot be read."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return float("nan")
+
+
 def _nonfinite_weights(model: torch.nn.Module) -> list[str]:
     """Names of parameters holding NaN or infinity (one reduction per tensor, one host read in all)."""
     named = list(model.named_parameters())
