@@ -452,7 +452,8 @@ def _train_worker(loop_config: dict) -> None:
     session = RaySession(bundle.checkpoints_dir if remote else checkpoints, device=_worker_device(config),
                          keep_checkpoints=config.keep_checkpoints, stop_file=config.stop_file, channel=channel,
                          require_checkpoint=loop_config["require_checkpoint"],
-                         staging_root=loop_config["staging_root"], remote=remote)
+                         staging_root=loop_config["staging_root"], remote=remote,
+                         zero_stage=None if config.zero_stage == "none" else config.zero_stage)
     datasets = None
     try:
         if loop_config.get("data"):  # in run storage: read through this node's chunk cache

@@ -87,7 +87,8 @@ class JobChannel:
 
 class RaySession:
     def __init__(self, checkpoints_dir: Path, *, device: torch.device, keep_checkpoints: int, stop_file: str | None,
-                 channel, require_checkpoint: bool, staging_root: Path | None, remote=None):
+                 channel, require_checkpoint: bool, staging_root: Path | None, remote=None,
+                 zero_stage: str | None = None):
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
@@ -106,7 +107,8 @@ class RaySession:
         if remote is not None:
             from aios.train.run_storage import RemoteCheckpointing
 
-            self.remote = RemoteCheckpointing(remote, rank=self.rank, world_size=self.world_size, gather=self._gather)
+            self.remote = RemoteCheckpointing(remote, rank=self.rank, world_size=self.world_size, gather=self._gather,
+                                              zero_stage=zero_stage)
         self._flat: torch.Tensor | None = None  # the gradient all-reduce buffer
         # Worker groups this job started before this one: Ray restarts after a failure (--max-failures).
         self.restarts = ray.get(channel.attempt_started.remote()) - 1 if channel is not None and self.rank == 0 else 0

@@ -198,7 +198,8 @@ class TrainingConfig(BaseModel):
         "runs with as many workers as the cluster has room for, resized as nodes come and go (the global batch "
         "stays --batch-size x --gradient-accumulation-steps x MAX).", "Distributed")
     zero_stage: Literal["none", "zero1", "zero2", "zero3"] = setting(
-        "none", "ZeRO optimizer-state sharding stage.", "Distributed"
+        "none", "DeepSpeed ZeRO inside the Ray workers: zero1 shards the optimizer state over the workers, zero2 "
+        "also the gradients, zero3 also the weights (settings in config/deepspeed/<stage>.json).", "Distributed"
     )
     expert_id: str | None = setting(
         None, "Expert training: add one expert to every MoE layer of --base-brain (frozen) and train only it and "
@@ -570,10 +571,17 @@ class TrainingConfig(BaseModel):
         return type(self).from_dict({**self.to_dict(), **changes}, check_paths=check_paths)
 
     def unavailable_features(self) -> list[str]:
-        """One message per flag whose behaviour is not built yet; `launch` refuses to run with any of them."""
+        """One message per flag (or combination of flags) whose behaviour is not built; `launch` refuses to run
+        with any of them."""
+        zero = self.zero_stage != "none"
         checks = [
-            (self.zero_stage != "none", f"--zero-stage {self.zero_stage} is not available yet: optimizer-state "
-                                        "sharding arrives with the DeepSpeed issue; use --zero-stage none"),
+            (zero and self.launcher == "local", f"--zero-stage {self.zero_stage} runs inside the Ray job's workers "
+                                                "(DeepSpeed on their process group): use --launcher ray, or "
+                                                "--zero-stage none"),
+            (zero and self.use_8bit_optimizer, f"--zero-stage {self.zero_stage} with --use-8bit-optimizer: DeepSpeed "
+                                               "does not shard bitsandbytes' 8-bit state; choose one of the two"),
+            (zero and bool(self.expert_id), f"--zero-stage {self.zero_stage} with --expert-id: expert training trains "
+                                            "a few frozen-base rows and runs without ZeRO; use --zero-stage none"),
             (self.parallel_independent, "--parallel-independent is not supported: data-parallel training over "
                                         "--world-size N workers (--launcher ray) replaces it; run without "
                                         "--parallel-independent"),

@@ -805,7 +805,8 @@ class HRMACTv1(nn.Module):
                                          backend)
 
     def num_parameters(self, include_puzzle_embedding: bool = False) -> int:
-        return sum(p.numel() for name, p in self.named_parameters()
+        # ds_numel: a weight DeepSpeed ZeRO-3 partitioned (its local tensor is a placeholder)
+        return sum(getattr(p, "ds_numel", p.numel()) for name, p in self.named_parameters()
                    if include_puzzle_embedding or not name.startswith("inner.puzzle_emb."))
 
     # -- added experts (expert training, `--experts`) ------------------------------------------------------

@@ -124,7 +124,14 @@ def write_checkpoint_files(directory: Path, *, rank: int, model: torch.nn.Module
         (directory / "state.json").write_text(jsonio.dumps({"format": FORMAT, **state}, indent=2, sort_keys=True)
                                               + "\n")
     # This rank's files only: the other ranks are writing theirs into the same directory right now.
-    for name in (*(SHARED_FILES if model is not None else ()), *(f.format(rank) for f in RANK_FILES)):
+    shared = [name for name, written in (("model.safetensors", model), (OPTIMIZER_FILE, optimizer_state),
+                                         ("state.json", state)) if written is not None]
+    sync_files(directory, [*shared, *(f.format(rank) for f in RANK_FILES)])
+
+
+def sync_files(directory: Path, names: list[str]) -> None:
+    """Flush these files of `directory`, then the directory, to disk."""
+    for name in names:
         fsync_file(directory / name)
     fsync_dir(directory)
 
@@ -133,8 +140,8 @@ def seal_checkpoint(directory: Path) -> None:
     """Write COMPLETE (hashes of every file of every rank, by state.json's world size) last, durably: from
     then on the directory is a checkpoint. Call it once every rank has written its files; a file of a rank
     this checkpoint does not have (left by a failed attempt with more workers) is removed first."""
-    world = json.loads((directory / "state.json").read_text())["world_size"]
-    expected = expected_files(world)
+    state = json.loads((directory / "state.json").read_text())
+    expected = expected_files(state["world_size"], state.get("zero_stage"))
     missing = [name for name in expected if not (directory / name).is_file()]
     if missing:
         raise RuntimeError(f"cannot seal checkpoint {directory}: {missing[0]} was not written")
@@ -285,12 +292,17 @@ def _verify_files(directory: Path, marker: Path) -> str | None:
             if path.stat().st_size != size or sha256_file(path) != digest:
                 return f"{name} does not match its recorded sha256"
         try:  # hashed above: what it says about the ranks can be trusted
-            world = json.loads((directory / "state.json").read_text()).get("world_size") if "state.json" in files else None
+            state = json.loads((directory / "state.json").read_text()) if "state.json" in files else {}
         except ValueError:
-            world = None
+            state = {}
+        world, zero = (state.get("world_size"), state.get("zero_stage")) if isinstance(state, dict) else (None, None)
         if not isinstance(world, int) or isinstance(world, bool) or world < 1:
             return "COMPLETE does not cover a state.json that names the world size"
-        unsealed = [name for name in expected_files(world) if name not in files]
+        from aios.train.zero import STAGES
+
+        if zero is not None and zero not in STAGES:
+            return f"state.json names an unknown ZeRO stage {zero!r}"
+        unsealed = [name for name in expected_files(world, zero) if name not in files]
         if unsealed:
             return f"COMPLETE does not cover {unsealed[0]} (a rank's files were written after the seal, or never)"
     except OSError as exc:  # permissions, I/O errors: nothing is known about the checkpoint itself
@@ -350,11 +362,29 @@ def _check_state(state: object) -> dict:
 
 RANK_FILES = ("rng-rank{}.pt", "carry-rank{}.safetensors", "sampler-rank{}.json")
 SHARED_FILES = ("model.safetensors", "optimizer.pt", "state.json")
+OPTIMIZER_FILE = "optimizer.pt"  # absent with ZeRO: DeepSpeed's per-rank files hold the optimizer state
 
 
-def expected_files(world_size: int) -> list[str]:
-    """The files a checkpoint of `world_size` ranks must hold (and its COMPLETE must list)."""
-    return [*SHARED_FILES, *(name.format(r) for r in range(world_size) for name in RANK_FILES)]
+def expected_files(world_size: int, zero_stage: str | None = None) -> list[str]:
+    """The files a checkpoint of `world_size` ranks must hold (and its COMPLETE must list). With ZeRO
+    (`zero_stage` from state.json) DeepSpeed's files of every rank replace optimizer.pt."""
+    if not zero_stage:
+        return [*SHARED_FILES, *(name.format(r) for r in range(world_size) for name in RANK_FILES)]
+    from aios.train.zero import STAGES, files_of_rank
+
+    shared = [name for name in SHARED_FILES if name != OPTIMIZER_FILE]
+    return [*shared, *(name.format(r) for r in range(world_size) for name in RANK_FILES),
+            *(name for r in range(world_size) for name in files_of_rank(STAGES[zero_stage], r, world_size))]
+
+
+def files_written_by(rank: int, world_size: int, zero_stage: str | None = None) -> list[str]:
+    """The files of a checkpoint that `rank` writes (rank 0: the shared ones too)."""
+    own = [*(SHARED_FILES if rank == 0 else ()), *(name.format(rank) for name in RANK_FILES)]
+    if not zero_stage:
+        return own
+    from aios.train.zero import STAGES, files_of_rank
+
+    return [name for name in own if name != OPTIMIZER_FILE] + files_of_rank(STAGES[zero_stage], rank, world_size)
 
 
 @dataclass
@@ -401,7 +431,8 @@ def read_checkpoint(directory: Path, rank: int, slots: tuple[int, int], device: 
     owners = range(first // per_rank, (stop - 1) // per_rank + 1)
     try:
         weights = load_file(directory / "model.safetensors", device=str(device))
-        optimizer_state = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
+        optimizer_state = ({"optimizer": None} if state.get("zero_stage") else  # DeepSpeed's own files hold it
+                           torch.load(directory / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
         rng = (torch.load(directory / f"rng-rank{rank}.pt", map_location="cpu", weights_only=True)
                if rank < saved_world else None)
         rows: dict[str, list[torch.Tensor]] = {}

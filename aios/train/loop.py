@@ -17,6 +17,7 @@ updated) and stops the job with a message.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -58,6 +59,7 @@ from aios.train.optim import (
 from aios.train.precision import autocast_dtype, dtype_name
 from aios.train.remote import RemoteBrain
 from aios.train.session import Session
+from aios.train.zero import ZeroEngine
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +234,6 @@ class Trainer:
         built = build_optimizer(self.model, name=config.optimizer, lr=config.lr, weight_decay=config.weight_decay,
                                 use_8bit=config.use_8bit_optimizer, device=self.device)
         self.optimizer, self.optimizer_kind = built.optimizer, built.kind
-        self.transaction = OptimizerTransaction(self.optimizer, self.params)
         self.schedule = Schedule(lr=config.lr, warmup_steps=config.warmup_steps, total_steps=config.steps,
                                  min_ratio=config.min_lr_ratio)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
@@ -241,6 +242,19 @@ class Trainer:
         # global batch (--batch-size x --gradient-accumulation-steps x MAX workers) with this many workers.
         self.asked_split = (config.batch_size, config.accumulation_at(self.world))
         self.micro_batch, self.grad_accum = self.asked_split
+        # --zero-stage: DeepSpeed takes the optimizer, the accumulation and the gradient reduction (aios/train/zero.py)
+        self.zero: ZeroEngine | None = None
+        self.transaction: OptimizerTransaction | None = None
+        if config.zero_stage != "none":
+            if self.scaler is not None:
+                raise AiosError("--zero-stage with --amp-dtype fp16: the GradScaler cannot wrap DeepSpeed's optimizer; "
+                                "use --amp-dtype bf16 (or --no-amp)")
+            self.zero = ZeroEngine(self.model, self.optimizer, zero_stage=config.zero_stage,
+                                   micro_batch=self.micro_batch, grad_accum=self.grad_accum, world_size=self.world,
+                                   grad_clip=config.grad_clip, device=self.device)
+            self.optimizer_kind = f"{self.optimizer_kind}+{config.zero_stage}"  # its state loads into ZeRO only
+        else:
+            self.transaction = OptimizerTransaction(self.optimizer, self.params)
         self.sampler = self._new_sampler()
         self._set_carries([self._empty_carry() for _ in range(self.grad_accum)])
         self.counters = Counters()
@@ -329,9 +343,14 @@ class Trainer:
                             f"{self.config.expert_id!r}, base {str((ours_expert or {}).get('base_fingerprint'))[:12]}): "
                             f"resume it with the base brain it was trained on, or choose a new --expert-id")
         if state["optimizer_kind"] != self.optimizer_kind:
-            raise AiosError(f"checkpoint {directory} holds {state['optimizer_kind']} optimizer state, this run "
-                            f"uses {self.optimizer_kind}: resume with {optimizer_kind_hint(state['optimizer_kind'])} "
-                            f"(optimizer state does not convert)")
+            theirs = state["optimizer_kind"]
+            hint = optimizer_kind_hint(theirs) + (", with --zero-stage none" if self.zero and "+" not in theirs else "")
+            raise AiosError(f"checkpoint {directory} holds {theirs} optimizer state, this run uses "
+                            f"{self.optimizer_kind}: resume with {hint} (optimizer state does not convert)")
+        if state.get("zero_stage") and state["world_size"] != self.world:
+            raise AiosError(f"checkpoint {directory} holds ZeRO optimizer state sharded over {state['world_size']} "
+                            f"workers, this run has {self.world}: resume it with --world-size {state['world_size']} "
+                            f"(DeepSpeed's shards are per rank)")
 
     def _resume_split(self, directory: Path, state: dict) -> tuple[int, int]:
         """The micro-batch and accumulation to resume with. With the saved world size: the checkpoint's (an
@@ -356,9 +375,13 @@ class Trainer:
     def _apply_checkpoint(self, saved: ckpt.Checkpoint, micro_batch: int, grad_accum: int) -> None:
         """Everything from `saved`, replacing all an earlier, failed attempt may have applied."""
         cfg, state = self.config, saved.state
-        self.model.load_state_dict(saved.weights)
-        self.optimizer.load_state_dict(saved.optimizer_state["optimizer"])
-        set_hyperparameters(self.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)  # flags typed on resume
+        if self.zero is not None:  # DeepSpeed's own files: this rank's optimizer shard and the master weights
+            self.zero.load(saved.directory)
+            self.zero.set_weight_decay(cfg.weight_decay)  # flags typed on resume (the lr is set every step)
+        else:
+            self.model.load_state_dict(saved.weights)
+            self.optimizer.load_state_dict(saved.optimizer_state["optimizer"])
+            set_hyperparameters(self.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)  # flags typed on resume
         if self.scaler is not None:
             self.scaler = torch.amp.GradScaler(self.device.type)
             if saved.optimizer_state.get("scaler"):
@@ -400,6 +423,11 @@ class Trainer:
             self._roll_back(point)
             if outcome != _OOM:
                 return outcome
+            if self.zero is not None:  # DeepSpeed reduced gradients inside the backward passes: no exact retry
+                raise AiosError(f"out of memory in step {self.step + 1} with --zero-stage {self.config.zero_stage} "
+                                f"(DeepSpeed's accumulation and reduction cannot be retried at a smaller micro-batch): "
+                                f"lower --batch-size (raising --gradient-accumulation-steps keeps the global batch) "
+                                f"or --max-seq-len, and resume")
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             self._back_off()
@@ -411,7 +439,8 @@ class Trainer:
 
     def _roll_back(self, point: _SavePoint) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        self.transaction.roll_back()
+        if self.transaction is not None:
+            self.transaction.roll_back()
         if self.scaler is not None:  # a fresh scaler with the same scale: no optimizer marked "unscaled"
             scaler = torch.amp.GradScaler(self.device.type)
             scaler.load_state_dict(self.scaler.state_dict())
@@ -478,7 +507,7 @@ class Trainer:
         keys = sorted(sums)
         out_of_memory, grad_norm = False, None
         try:
-            grad_norm = self._unscale_and_clip()
+            grad_norm = self._unscale_and_clip() if self.zero is None else None  # DeepSpeed's, in its step
         except torch.cuda.OutOfMemoryError:
             out_of_memory = True
         if out_of_memory:
@@ -511,7 +540,12 @@ class Trainer:
         lr = self.schedule(self.step)
         counted_nonfinite = not (loss_finite if self.scaler is not None else finite)  # the scaler skips overflow
         try:
-            self._update(lr, finite)
+            if self.zero is not None:  # DeepSpeed skips a step whose gradient norm is not finite, on every rank
+                applied, values["grad_norm"] = self._update_zero(lr)
+                finite = loss_finite and applied
+                counted_nonfinite = not finite
+            else:
+                self._update(lr, finite)
             self._commit(carries, drawn, counted_nonfinite)
         except torch.cuda.OutOfMemoryError:
             if self.world == 1:
@@ -574,8 +608,11 @@ class Trainer:
                     carry, outputs = self.model(carry, batch)
                     loss, metrics = act_loss(carry, outputs, self.model.config)
                 self.callbacks.at(self, "backward", m)
-                scaled = loss / self.global_batch  # summed over rows and ranks; one division per step
-                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+                if self.zero is not None:  # DeepSpeed divides by the accumulation and averages over the ranks
+                    self.zero.backward(loss, last=m == self.grad_accum - 1)
+                else:
+                    scaled = loss / self.global_batch  # summed over rows and ranks; one division per step
+                    (self.scaler.scale(scaled) if self.scaler else scaled).backward()
                 new_carries.append(carry)
                 for key, value in (("loss", loss.detach()), *metrics.items()):
                     sums[key] = sums[key] + value.double() if key in sums else value.double()
@@ -583,7 +620,7 @@ class Trainer:
             out_of_memory = True
         if self._agree(out_of_memory)[0]:
             return None
-        if self.world > 1:
+        if self.world > 1 and self.zero is None:
             self.session.sum_gradients(self.params)
         return new_carries, sums
 
@@ -606,11 +643,16 @@ class Trainer:
         elif finite:
             self.optimizer.step()
 
+    def _update_zero(self, lr: float) -> tuple[bool, float]:
+        self.callbacks.at(self, "optimizer_step", None)
+        return self.zero.step(lr)
+
     def _commit(self, carries: list[ACTCarry], drawn: int, nonfinite: bool) -> None:
         """Keep the step. What can still fail (an allocation) comes first; then the counters move."""
         if nonfinite:  # the rows' state may be poisoned: start them on fresh samples
             carries = [dataclasses.replace(carry, halted=torch.ones_like(carry.halted)) for carry in carries]
-        self.transaction.commit()
+        if self.transaction is not None:
+            self.transaction.commit()
         counters = self.counters
         counters.step += 1
         counters.samples_drawn += drawn
@@ -681,12 +723,22 @@ class Trainer:
     def _evaluate_model(self) -> dict:
         mine = (batch for i, batch in enumerate(self.eval_batches()) if i % self.world == self.rank)
         sums = evaluate_lm_sums(self.model, mine, self.device, self.amp_dtype)
+        if self.zero is not None and self.zero.stage == 3:
+            self._match_zero3_forwards()
         if self.world > 1:
             keys = sorted(sums)
             reduced = self.session.all_reduce(torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64,
                                                            device=self.device)).tolist()
             sums = dict(zip(keys, reduced, strict=True))
         return lm_eval_result(sums, self.model.config.halt_max_steps)
+
+    def _match_zero3_forwards(self) -> None:
+        """ZeRO-3 may gather a layer's partitioned weights (a collective) in any forward, depending on what it
+        still holds from the last one: a rank that evaluated one batch fewer than the others (batch i goes to rank
+        i mod W) runs one more, on the first batch, and drops it, so that every rank runs as many forwards."""
+        batches = list(self.eval_batches())
+        if len(batches[self.rank::self.world]) < -(-len(batches) // self.world):
+            evaluate_lm_sums(self.model, batches[:1], self.device, self.amp_dtype)
 
     def _expert_manifest(self) -> dict:
         """expert.json: the base, the data, and the last eval of the base alone vs base + expert."""
@@ -707,13 +759,16 @@ class Trainer:
 
     def save(self, last_metrics: dict) -> Path | None:
         """A checkpoint of this step, then the bundle. Weights that became non-finite are never saved: the
-        run stops and the last good checkpoint and bundle stay as they are."""
-        bad = _nonfinite_weights(self.model)
+        run stops and the last good checkpoint and bundle stay as they are. (ZeRO-3: every rank gathers the
+        weights it partitions around what reads them: a collective.)"""
+        with self._full_weights():
+            bad = _nonfinite_weights(self.model)
         if bad:
             raise AiosError(f"the weights became non-finite by step {self.step} ({bad[0]}{' and others' if bad[1:] else ''}"
                             f"): nothing was saved, the bundle keeps its last good state; resume with a lower --lr")
         path = self.save_checkpoint(last_metrics)
-        self.write_bundle(last_metrics, path)
+        with self._full_weights():
+            self.write_bundle(last_metrics, path)
         self.log.write({"event": "checkpoint", "step": self.step, "path": self.session.describe_checkpoint(path)})
         self.log.sync()
         self._push()
@@ -726,12 +781,16 @@ class Trainer:
             self.log.write({"event": "push", "step": self.step, "to": self.remote.describe(),
                             "version": record["version"], "uploaded_bytes": record["uploaded"]})
 
+    def _full_weights(self):
+        """A context in which the model holds all its weights (ZeRO-3 partitions them; otherwise it does)."""
+        return self.zero.full_weights() if self.zero else contextlib.nullcontext()
+
     def save_checkpoint(self, metrics: dict) -> Path | None:
         staged = self.session.staging_dir(self.step)
         optimizer_state = state = None  # shared files: written by rank 0 only
         if self.is_main:
-            optimizer_state = {"optimizer": self.optimizer.state_dict(),
-                               "scaler": self.scaler.state_dict() if self.scaler else None}
+            optimizer_state = None if self.zero else {"optimizer": self.optimizer.state_dict(),
+                                                      "scaler": self.scaler.state_dict() if self.scaler else None}
             state = {**dataclasses.asdict(self.counters), "world_size": self.world, "micro_batch": self.micro_batch,
                      "grad_accum": self.grad_accum, "config_micro_batch": self.asked_split[0],
                      "config_grad_accum": self.asked_split[1], "global_batch": self.global_batch,
@@ -740,10 +799,14 @@ class Trainer:
                      "dataset_fingerprint": self.dataset.fingerprint, "epoch": self.epoch}
             if self.expert:
                 state["expert"] = self.expert.identity()
-        ckpt.write_checkpoint_files(staged, rank=self.rank, model=self.model if self.is_main else None,
-                                    optimizer_state=optimizer_state, rng_state=ckpt.capture_rng_state(self.device),
-                                    carries=self.carries,
-                                    sampler_state=self.sampler.state_dict(), state=state)
+            if self.zero:
+                state["zero_stage"] = self.config.zero_stage
+        with self._full_weights():
+            ckpt.write_checkpoint_files(staged, rank=self.rank, model=self.model if self.is_main else None,
+                                        optimizer_state=optimizer_state, rng_state=ckpt.capture_rng_state(self.device),
+                                        carries=self.carries, sampler_state=self.sampler.state_dict(), state=state)
+        if self.zero:  # every rank its optimizer shard (a collective), flushed before the seal
+            ckpt.sync_files(staged, self.zero.save(staged))
         return self.session.report({"step": self.step, **metrics}, staged)  # sealed once every rank has written
 
     def write_bundle(self, last_metrics: dict | None, checkpoint: Path | None = None) -> None:

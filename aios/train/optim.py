@@ -100,7 +100,10 @@ def build_optimizer(model: torch.nn.Module, *, name: str, lr: float, weight_deca
 
 
 def optimizer_kind_hint(kind: str) -> str:
-    """The flags that give an optimizer of `kind`, for messages."""
+    """The flags that give an optimizer of `kind` (adamw+zero2: AdamW inside DeepSpeed ZeRO-2), for messages."""
+    kind, _, zero = kind.partition("+")
+    if zero:
+        return f"{optimizer_kind_hint(kind)}, with --zero-stage {zero} and --launcher ray"
     return {"adamw": "--optimizer adamw without --use-8bit-optimizer",
             "adamw-8bit": "--optimizer adamw --use-8bit-optimizer (with bitsandbytes installed)",
             "adam-atan2": "--optimizer adam-atan2"}.get(kind, f"the optimizer {kind}")

@@ -31,13 +31,12 @@ from aios.errors import AiosError
 from aios.storage import Storage, is_remote, open_storage
 from aios.train.checkpoint import (
     COMPLETE,
-    RANK_FILES,
-    SHARED_FILES,
     STEP_DIR,
     CheckpointUnusable,
     complete_text,
     expected_files,
     file_record,
+    files_written_by,
     step_dir_name,
     verify_checkpoint,
 )
@@ -200,11 +199,6 @@ class RemoteCheckpoints:
         return with_retries(operation, f"{what} of {self.describe(name)}", failure)
 
 
-def own_files(rank: int) -> list[str]:
-    """The files of a checkpoint that `rank` writes (rank 0: the shared ones too)."""
-    return [*(SHARED_FILES if rank == 0 else ()), *(name.format(rank) for name in RANK_FILES)]
-
-
 class RemoteCheckpointing:
     """A session's checkpoints on remote storage, for any number of ranks: every rank stages its own files on
     its own node, uploads them, and rank 0 seals; a resume downloads onto every rank's node.
@@ -212,9 +206,10 @@ class RemoteCheckpointing:
     `gather(value)` returns every rank's value, in rank order (every rank calls it equally often)."""
 
     def __init__(self, remote: RemoteCheckpoints, *, rank: int, world_size: int,
-                 gather: Callable[[object], list]):
+                 gather: Callable[[object], list], zero_stage: str | None = None):
         self.remote = remote
         self.rank, self.world_size = rank, world_size
+        self.zero_stage = zero_stage  # with ZeRO each rank also uploads its DeepSpeed files
         self.gather = gather
         self.scratch = scratch_dir("checkpoints")
 
@@ -235,7 +230,7 @@ class RemoteCheckpointing:
         records, error = {}, None
         if not keep:
             try:
-                records = self.remote.upload(staged, name, own_files(self.rank))
+                records = self.remote.upload(staged, name, files_written_by(self.rank, self.world_size, self.zero_stage))
             except AiosError as exc:
                 error = str(exc)
         sampler = f"sampler-rank{self.rank}.json"
@@ -251,7 +246,7 @@ class RemoteCheckpointing:
             log.info("checkpoint %s is sealed already: kept", self.remote.describe(name))
             return None
         files = {file: record for answer in answers for file, record in answer["files"].items()}
-        missing = [file for file in expected_files(self.world_size) if file not in files]
+        missing = [file for file in expected_files(self.world_size, self.zero_stage) if file not in files]
         if missing:
             raise RuntimeError(f"checkpoint {name}: {missing[0]} was not uploaded")
         return files

@@ -73,7 +73,8 @@ def test_the_working_dir_is_uploaded_without_local_brains(tmp_path):
     (["--dataset-file", "/d.txt", "--stop-file", "/tmp/stop"], "--stop-file has no effect with aios submit (a "
      "file on the cluster's head; `aios jobs stop ID` stops a job); drop --stop-file"),
     (["--brain-name", "x"], "--dataset-file is required: pass the text to train on"),
-    (["--dataset-file", "/d.txt", "--zero-stage", "zero1"], "--zero-stage zero1 is not available yet"),
+    (["--dataset-file", "/d.txt", "--zero-stage", "zero1", "--use-8bit-optimizer"],
+     "--zero-stage zero1 with --use-8bit-optimizer: DeepSpeed does not shard bitsandbytes' 8-bit state"),
     (["--dataset-file", "/d.txt", "--require-env", f"AWS_SECRET_ACCESS_KEY={SECRET}"],
      "--require-env AWS_SECRET_ACCESS_KEY=...: pass only the variable's name; the cluster provides its value"),
     (["--dataset-file", "/d.txt", "--require-env", "1BAD"], "--require-env '1BAD' is not an environment variable "

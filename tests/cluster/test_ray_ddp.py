@@ -18,6 +18,7 @@ import ray
 import torch
 
 from aios.bundle import BrainBundle
+from aios.errors import AiosError
 from aios.train import launch
 from aios.train.checkpoint import COMPLETE, expected_files, list_checkpoints, verify_checkpoint
 from tests.cli.test_train_e2e import aios, table_rows
@@ -184,3 +185,88 @@ def test_rerunning_the_job_with_its_run_name_resumes_it_on_two_workers(ray_clust
     assert_same_weights(reference.bundle, result.bundle)
     assert steps_logged(result.bundle) == list(range(1, 9))
     assert BrainBundle(result.bundle).metadata()["run"]["run_name"] == "job-1"
+
+
+# DeepSpeed computes the gradient norm in its own order: 2e-5 relative off torch's clip_grad_norm_ here. With
+# --grad-clip that norm scales the update, and the runs drift apart in float32 rounding (measured: losses within
+# 1e-4 relative over the first steps); without it, ZeRO-2 steps bit for bit what DDP steps.
+ZERO_NORM_RTOL = 1e-4
+RAY_RUN_FILES = (".validate_storage_marker", "checkpoint_manager_snapshot.json")  # Ray Train's, in its run dir
+
+
+@pytest.fixture(scope="module")
+def zero_reference(config):
+    """Without a gradient clip, and with an odd number of eval batches (ZeRO-3's eval must balance them over
+    the ranks): one in-process worker accumulating two micro-batches, as DDP's reference above."""
+    config = config.replace(grad_clip=0.0, eval_batches=3)
+    return config, launch(config.replace(brain_name="zero-reference", gradient_accumulation_steps=2))
+
+
+@pytest.mark.timeout(600)  # the first DeepSpeed use on a machine JIT-compiles its CPU communication op
+def test_zero2_on_two_workers_trains_what_ddp_trains_and_a_failed_worker_resumes_every_ranks_shard(
+        ray_cluster, zero_reference, tmp_path, monkeypatch):
+    """--zero-stage zero2: DeepSpeed inside both workers (its CPU accelerator, on Ray's gloo group), the
+    accumulation and the gradient reduction handed to it. Rank 0 raises after step 5: the restarted workers load
+    the checkpoint of step 3, each its own optimizer shard, and end at step 8 bit for bit where the reference
+    (one worker accumulating both micro-batches, which DDP matches bit for bit: above) ends."""
+    config, reference = zero_reference
+    monkeypatch.setenv("AIOS_TEST_FAULT", "raise:5")
+    monkeypatch.setenv("AIOS_TEST_FAULT_ONCE", str(tmp_path / "fired"))
+    result = two_workers(config, "zero2", zero_stage="zero2", max_failures=1)
+    assert (tmp_path / "fired").exists()
+    assert (result.reason, result.step, result.trained_steps) == ("steps", 8, 5)
+    assert BrainBundle(result.bundle).metadata()["run"]["ray_restarts"] == 1
+    steps, theirs = records(result.bundle, "step"), records(reference.bundle, "step")
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    assert [r["samples_drawn"] for r in steps] == [r["samples_drawn"] for r in theirs]
+    assert [r["loss"] for r in steps] == [r["loss"] for r in theirs]  # across the restart too
+    for a, b in zip(steps, theirs, strict=True):
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=ZERO_NORM_RTOL)  # DeepSpeed's own norm
+    assert_same_weights(reference.bundle, result.bundle)  # fresh Adam moments after the restart would not be
+    assert result.final_eval == reference.final_eval
+    # Every checkpoint holds both ranks' DeepSpeed shards beside aios's files, all under the seal
+    checkpoints = list_checkpoints(result.bundle / "checkpoints")
+    assert [c.name for c in checkpoints] == ["step-000003", "step-000006", "step-000008"]
+    for checkpoint in checkpoints:
+        sealed = json.loads((checkpoint / COMPLETE).read_text())["files"]
+        assert sorted(sealed) == sorted(expected_files(2, "zero2")) and verify_checkpoint(checkpoint) is None
+        assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+                "mp_rank_00_model_states.pt"} <= set(sealed) and "optimizer.pt" not in sealed
+        state = json.loads((checkpoint / "state.json").read_text())
+        assert (state["zero_stage"], state["optimizer_kind"], state["world_size"]) == ("zero2", "adamw+zero2", 2)
+    # The shards load into ZeRO only: a resume without it is refused before anything is written
+    def aios_files() -> list[tuple[str, int]]:  # Ray's own run-storage files (its snapshot, marker) aside
+        return sorted((str(p.relative_to(result.bundle)), p.stat().st_mtime_ns) for p in result.bundle.rglob("*")
+                      if p.is_file() and p.name not in RAY_RUN_FILES)
+
+    before = aios_files()
+    with pytest.raises(AiosError, match=r"holds adamw\+zero2 optimizer state, this run uses adamw: resume with "
+                                        r"--optimizer adamw without --use-8bit-optimizer, with --zero-stage zero2 "
+                                        r"and --launcher ray"):
+        launch(config.replace(brain_name="zero2", resume=True, steps=10))
+    with pytest.raises(AiosError, match=r"holds ZeRO optimizer state sharded over 2 workers, this run has 1: resume "
+                                        r"it with --world-size 2"):  # refused inside the one worker, on Ray
+        launch(config.replace(brain_name="zero2", resume=True, steps=10, launcher="ray", world_size=1,
+                              zero_stage="zero2"))
+    assert aios_files() == before
+
+
+@pytest.mark.timeout(600)
+def test_zero3_partitions_the_weights_and_still_saves_and_evaluates_them_whole(ray_cluster, zero_reference):
+    """ZeRO-3 keeps a shard of each large weight per rank: the bundle and the checkpoints get them gathered
+    whole, the parameter count is the model's, and an eval batch count that does not split evenly over the ranks
+    (3 on 2) evaluates what one worker evaluates (the rank with fewer runs one more forward, dropped: ZeRO-3 may
+    gather weights, a collective, in any forward)."""
+    config, reference = zero_reference
+    result = two_workers(config, "zero3", zero_stage="zero3")
+    assert (result.reason, result.step) == ("steps", 8)
+    assert [r["loss"] for r in records(result.bundle, "step")] == [r["loss"] for r in records(reference.bundle, "step")]
+    assert_same_weights(reference.bundle, result.bundle)
+    assert result.final_eval == reference.final_eval
+    ours, theirs = (BrainBundle(b).metadata()["parameters"] for b in (result.bundle, reference.bundle))
+    assert ours == theirs > 100_000
+    newest = list_checkpoints(result.bundle / "checkpoints")[-1]
+    sealed = json.loads((newest / COMPLETE).read_text())["files"]
+    assert sorted(sealed) == sorted(expected_files(2, "zero3"))
+    assert {"zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"} <= set(sealed)
+    assert_same_weights(reference.bundle / "checkpoints" / newest.name, newest)  # the checkpoint's, gathered too

@@ -62,7 +62,8 @@ CHECKED_BY = {
     "compile": f"{HERE}::test_compile_compiles_the_trainer_s_segments",
     "amp_dtype": "tests.train.test_options::test_amp_bf16_trains_on_cpu_and_fp16_falls_back_loudly",
     "use_8bit_optimizer": "tests.train.test_memory_options::test_8bit_adamw_keeps_one_byte_moments_and_resumes_bitwise",
-    "zero_stage": "tests.config.test_training_config::test_unavailable_features_are_named_not_ignored",
+    "zero_stage": "tests.cluster.test_ray_ddp::"
+                  "test_zero2_on_two_workers_trains_what_ddp_trains_and_a_failed_worker_resumes_every_ranks_shard",
     **{name: "tests.train.test_experts::test_expert_training_leaves_the_base_bit_identical_and_writes_only_the_expert_dir"
        for name in ("expert_id", "base_brain", "experts_dir")},
     "cuda_ids": "tests.train.test_options::test_cuda_ids_choose_the_gpus_and_are_refused_where_there_are_none",
