@@ -18,3 +18,13 @@ def test_every_flag_of_the_memory_bench_reaches_the_trainer(tmp_path):
     assert (result["optimizer"], result["autocast"]) == ("AdamW8bit", "torch.bfloat16")
     assert result["parameters"] > 29_000_000 and result["peak_rss_mb"] >= result["setup_rss_mb"] > 0
     assert len(result["step_times_s"]) == 1
+
+
+def test_the_two_process_cases_ask_for_two_workers_and_their_zero_stage(tmp_path):
+    spec = importlib.util.spec_from_file_location("memory_bench", REPO / "bench" / "memory.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for case, stage in (("ddp", "none"), ("zero1", "zero1"), ("zero2", "zero2"), ("zero3", "zero3")):
+        config = bench.case_config(case, tmp_path, 4, "cpu")
+        assert (config.zero_stage, config.max_workers, config.launcher) == (stage, 2, "ray")
+        assert config.unavailable_features() == []
