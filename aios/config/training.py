@@ -580,6 +580,11 @@ class TrainingConfig(BaseModel):
                                                 "--zero-stage none"),
             (zero and self.use_8bit_optimizer, f"--zero-stage {self.zero_stage} with --use-8bit-optimizer: DeepSpeed "
                                                "does not shard bitsandbytes' 8-bit state; choose one of the two"),
+            (zero and self.elastic, f"--zero-stage {self.zero_stage} with an elastic --world-size {self.world_size}: "
+                                    "DeepSpeed's optimizer shards are per rank and do not follow a resize; give "
+                                    "a fixed --world-size N, or --zero-stage none"),
+            (zero and self.amp_dtype == "fp16", f"--zero-stage {self.zero_stage} with --amp-dtype fp16: the GradScaler "
+                                                "cannot wrap DeepSpeed's optimizer; use --amp-dtype bf16 (or --no-amp)"),
             (zero and bool(self.expert_id), f"--zero-stage {self.zero_stage} with --expert-id: expert training trains "
                                             "a few frozen-base rows and runs without ZeRO; use --zero-stage none"),
             (self.parallel_independent, "--parallel-independent is not supported: data-parallel training over "

@@ -246,9 +246,6 @@ class Trainer:
         self.zero: ZeroEngine | None = None
         self.transaction: OptimizerTransaction | None = None
         if config.zero_stage != "none":
-            if self.scaler is not None:
-                raise AiosError("--zero-stage with --amp-dtype fp16: the GradScaler cannot wrap DeepSpeed's optimizer; "
-                                "use --amp-dtype bf16 (or --no-amp)")
             self.zero = ZeroEngine(self.model, self.optimizer, zero_stage=config.zero_stage,
                                    micro_batch=self.micro_batch, grad_accum=self.grad_accum, world_size=self.world,
                                    grad_clip=config.grad_clip, device=self.device)
@@ -303,7 +300,17 @@ class Trainer:
         self._check_identity(directory, state)
         micro_batch, grad_accum = self._resume_split(directory, state)
         first = self.rank * micro_batch * grad_accum  # this rank's slots under its layout
-        saved = ckpt.read_checkpoint(directory, self.rank, (first, first + micro_batch * grad_accum), self.device)
+        try:
+            saved, unreadable = ckpt.read_checkpoint(directory, self.rank, (first, first + micro_batch * grad_accum),
+                                                     self.device), None
+        except ckpt.CheckpointUnusable as exc:
+            saved, unreadable = None, exc
+        # ZeRO: DeepSpeed's load (in _apply_checkpoint) holds collectives; a rank that could not read its files
+        # must not leave the others in them: all agree first, and all give this checkpoint up together.
+        if self.zero is not None and self.world > 1 and self._agree(unreadable is not None)[0] and not unreadable:
+            unreadable = ckpt.CheckpointUnusable("another rank could not read its files of it")
+        if unreadable is not None:
+            raise unreadable
         try:
             self._apply_checkpoint(saved, micro_batch, grad_accum)
         except (MemoryError, torch.cuda.OutOfMemoryError):
@@ -617,6 +624,12 @@ class Trainer:
                 for key, value in (("loss", loss.detach()), *metrics.items()):
                     sums[key] = sums[key] + value.double() if key in sums else value.double()
         except torch.cuda.OutOfMemoryError:
+            if self.zero is not None and self.world > 1:  # the others are in DeepSpeed's reductions: no agreement
+                raise AiosError(f"out of memory on rank {self.rank} of {self.world} in step {self.step + 1} with "
+                                f"--zero-stage {self.config.zero_stage} (DeepSpeed reduces gradients inside the "
+                                f"backward passes, so the step cannot be retried): lower --batch-size (raising "
+                                f"--gradient-accumulation-steps keeps the global batch) or --max-seq-len, and "
+                                f"resume") from None
             out_of_memory = True
         if self._agree(out_of_memory)[0]:
             return None

@@ -286,10 +286,17 @@ class RemoteCheckpointing:
             try:
                 self.remote.download(name, local)
                 problem = verify_checkpoint(local)
-                if problem is None:
-                    load(local)
             except CheckpointUnusable as exc:
                 problem = str(exc)
+            # All ranks agree that every node holds it intact before any loads it: loading may hold collectives
+            # (DeepSpeed's), which a rank that skipped it would leave the others waiting in.
+            if self.world_size > 1 and any(self.gather(problem)) and problem is None:
+                problem = "another rank could not download or verify it"
+            if problem is None:
+                try:
+                    load(local)
+                except CheckpointUnusable as exc:
+                    problem = str(exc)
             if problem is not None:
                 log.warning("rank %d cannot use checkpoint %s: %s", self.rank, self.remote.describe(name), problem)
             if not any(self.gather(problem)):

@@ -40,7 +40,10 @@ log = logging.getLogger(__name__)
 STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
 CONFIG_DIRS = (Path(__file__).resolve().parents[2] / "config" / "deepspeed", Path("config") / "deepspeed")
 _AIOS_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-              "gradient_clipping", "optimizer", "scheduler", "fp16", "bf16", "amp")
+              "gradient_clipping", "optimizer", "scheduler", "fp16", "bf16", "amp", "torch_autocast")
+# Settings aios does not support (untested; some write checkpoint files the seal would not cover): refused.
+_UNSUPPORTED = ("checkpoint", "elasticity", "zero_optimization.offload_optimizer", "zero_optimization.offload_param",
+                "zero_optimization.elastic_checkpoint", "zero_optimization.managed_gradient_accumulation")
 
 
 def optim_file(rank: int) -> str:
@@ -86,7 +89,14 @@ def deepspeed_config(zero_stage: str, *, micro_batch: int, grad_accum: int, worl
     if clash:
         raise AiosError(f"--zero-stage {zero_stage}: {path} sets {clash[0]}, which aios sets from its own flags "
                         f"(--batch-size, --gradient-accumulation-steps, --grad-clip, --optimizer, --amp): remove it")
-    stage = settings.get("zero_optimization", {}).get("stage")
+    zero_settings = settings.get("zero_optimization", {})
+    unsupported = [key for key in _UNSUPPORTED
+                   if (zero_settings if key.startswith("zero_optimization.") else settings).get(key.split(".")[-1])
+                   is not None]
+    if unsupported:
+        raise AiosError(f"--zero-stage {zero_stage}: {path} sets {unsupported[0]}, which aios does not support (its "
+                        f"checkpoints and resume are built for the plain stages): remove it")
+    stage = zero_settings.get("stage")
     if stage != STAGES[zero_stage]:
         raise AiosError(f"--zero-stage {zero_stage}: {path} has zero_optimization.stage {stage!r}, not "
                         f"{STAGES[zero_stage]}: fix the file")
@@ -119,8 +129,15 @@ class ZeroEngine:
         self.micro_batch, self.grad_accum = micro_batch, grad_accum
         config = deepspeed_config(zero_stage, micro_batch=micro_batch, grad_accum=grad_accum,
                                   world_size=world_size, grad_clip=grad_clip)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
-                                                                 dist_init_required=False)
+        try:
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
+                                                                     dist_init_required=False)
+        except Exception as exc:  # noqa: BLE001 - a build or setup failure: one line, the likely fixes
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise AiosError(f"--zero-stage {zero_stage}: DeepSpeed could not start ({type(exc).__name__}: {first}); "
+                            f"on CPU it JIT-builds a communication op into TORCH_EXTENSIONS_DIR (needs a C++ "
+                            f"compiler and a writable directory), and the settings are "
+                            f"{stage_config_path(zero_stage)}") from None
 
     @property
     def param_groups(self) -> list[dict]:

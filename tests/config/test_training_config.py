@@ -377,6 +377,10 @@ def test_demo_cpu_preset_data_paths_exist_from_the_repo_root(monkeypatch):
         ({"zero_stage": "zero3", "expert_id": "e", "base_brain": "b"},
          "--zero-stage zero3 with --expert-id: expert training trains a few frozen-base rows and runs without ZeRO; "
          "use --zero-stage none"),
+        ({"zero_stage": "zero2", "world_size": "1-2"},
+         "--zero-stage zero2 with an elastic --world-size 1-2: DeepSpeed's optimizer shards are per rank"),
+        ({"zero_stage": "zero2", "amp": True, "amp_dtype": "fp16"},
+         "--zero-stage zero2 with --amp-dtype fp16: the GradScaler cannot wrap DeepSpeed's optimizer"),
         ({"parallel_independent": True}, "--parallel-independent is not supported"),
     ],
 )

@@ -35,6 +35,10 @@ def settings_dir(tmp_path, monkeypatch):
     ({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}, "sets bf16, which aios sets from its own flags"),
     ({"zero_optimization": {"stage": 3}}, "has zero_optimization.stage 3, not 2: fix the file"),
     ("{not json", "is not valid JSON"),
+    ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme"}}},
+     "sets zero_optimization.offload_optimizer, which aios does not support"),
+    ({"zero_optimization": {"stage": 2}, "checkpoint": {"writer": {"type": "fast"}}},
+     "sets checkpoint, which aios does not support"),
 ])
 def test_settings_that_fight_aios_s_flags_are_refused_in_one_line(settings_dir, content, message):
     (settings_dir / "zero2.json").write_text(content if isinstance(content, str) else json.dumps(content))
